@@ -1,0 +1,24 @@
+"""prefixcap: train, compare and ship small image-captioning models for alt text.
+
+    import prefixcap
+    prefixcap.list_components("decoder")                       # what is registered (builtins + plugins)
+    recipe = prefixcap.load_recipe("quickstart", ["train.lr=3e-4"])
+    system = prefixcap.compose(recipe)                         # or compose(encoder=..., connector=..., decoder=...)
+    system.caption(images)
+
+Importing prefixcap does not import torch; building a system does.
+"""
+
+from prefixcap.compose import compose, validate
+from prefixcap.errors import CompositionError, PluginError, PrefixcapError, RecipeError, UnknownComponentError
+from prefixcap.hookspecs import hookimpl
+from prefixcap.recipe import Recipe, list_recipes, load_recipe
+from prefixcap.registry import ComponentOptions, create, get_component, list_components
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ComponentOptions", "CompositionError", "PluginError", "PrefixcapError", "Recipe", "RecipeError",
+    "UnknownComponentError", "compose", "create", "get_component", "hookimpl", "list_components", "list_recipes",
+    "load_recipe", "validate",
+]  # fmt: skip

@@ -1,0 +1,53 @@
+"""Where a component's architecture and weights come from: a hub id, a local directory, or ``tiny``.
+
+``tiny`` builds a small randomly initialised model of the same class, for offline use (tests, the shapes world).
+Without weights (``prefixcap validate``), a config is enough; for the default checkpoints prefixcap ships a copy of
+the published config.json under prefixcap/configs/, so validating the real-size recipes works with no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from prefixcap.errors import CompositionError
+
+TINY = "tiny"
+_SNAPSHOTS = Path(__file__).parent / "configs"
+T = TypeVar("T")
+
+
+def snapshot_path(checkpoint: str) -> Path:
+    return _SNAPSHOTS / (checkpoint.replace("/", "--") + ".json")
+
+
+def load_config(checkpoint: str, config_cls: Any, tiny: dict[str, Any]) -> Any:
+    """The architecture config of ``checkpoint`` (a transformers PretrainedConfig subclass or AutoConfig)."""
+    if checkpoint == TINY:
+        return config_cls(**tiny) if config_cls.__name__ != "AutoConfig" else _auto_from_dict(config_cls, tiny)
+    if not Path(checkpoint).exists() and snapshot_path(checkpoint).exists():
+        data = json.loads(snapshot_path(checkpoint).read_text())
+        return _auto_from_dict(config_cls, data) if config_cls.__name__ == "AutoConfig" else config_cls(**data)
+    return fetch(lambda: config_cls.from_pretrained(checkpoint), checkpoint, "config")
+
+
+def _auto_from_dict(auto_cls: Any, data: dict[str, Any]) -> Any:
+    data = dict(data)
+    return auto_cls.for_model(data.pop("model_type"), **data)
+
+
+def fetch(load: Callable[[], T], checkpoint: str, what: str) -> T:
+    """Run a from_pretrained-style loader, turning "no network / no such repo / bad files" into one clear error."""
+    try:
+        return load()
+    except (OSError, ValueError, EnvironmentError) as e:
+        local = Path(checkpoint).exists()
+        hint = (
+            "the directory exists but does not hold a usable checkpoint"
+            if local
+            else "it is neither a local directory nor reachable on the model hub (offline? use a local "
+            "directory, or `checkpoint: tiny` for a small random model)"
+        )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompositionError(f"cannot load {what} for {checkpoint!r}: {hint} ({first})") from e

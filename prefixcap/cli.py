@@ -1,0 +1,146 @@
+"""The `prefixcap` command: parses, calls the Python API, prints with rich. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from prefixcap import __version__
+from prefixcap.errors import PrefixcapError
+from prefixcap.registry import KINDS, list_components, registry
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _errors_to_exit_2(fn):
+    """Domain errors are the user's to fix: one clear message, exit code 2, no traceback (PREFIXCAP_DEBUG=1 shows it)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrefixcapError as e:
+            if os.environ.get("PREFIXCAP_DEBUG"):
+                raise
+            lines = str(e).splitlines() or [type(e).__name__]
+            err.print(f"[bold red]error:[/] {lines[0]}", markup=True, highlight=False, soft_wrap=True)
+            for line in lines[1:]:
+                err.print(f"       {line}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; VALUE is parsed as YAML).",
+)  # fmt: skip
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prefixcap")
+def cli():
+    """prefixcap: train, compare and ship small image-captioning models for alt text.
+
+    Recipes (YAML) name registered components; plugins add components through the `prefixcap` entry-point group.
+    """
+
+
+@cli.command()
+@click.option("--kind", type=click.Choice(KINDS), help="Only components of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@_errors_to_exit_2
+def plugins(kind: str | None, as_json: bool):
+    """List registered components (builtins and installed plugins), and plugins that failed to load."""
+    rows = list_components(kind)
+    broken = registry().broken
+    if as_json:
+        data = {
+            "components": [
+                {"kind": r.kind, "name": r.name, "distribution": r.provider.dist, "version": r.provider.version,
+                 "plugin": r.provider.plugin, "description": r.description, "factory": r.factory}
+                for r in rows
+            ],
+            "broken": [{"distribution": b.provider.dist, "version": b.provider.version, "plugin": b.provider.plugin,
+                        "error": b.error} for b in broken],
+        }  # fmt: skip
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title="prefixcap components", title_justify="left")
+    for col in ("kind", "name", "distribution", "version", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.kind, r.name, r.provider.dist, r.provider.version, r.description)
+    for b in broken:
+        table.add_row("[red]broken[/]", b.provider.plugin, b.provider.dist, b.provider.version, f"[red]{b.error}[/]")
+    out.print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@_errors_to_exit_2
+def recipes(as_json: bool):
+    """List recipes found in $PREFIXCAP_RECIPES, ./recipes and the bundled recipes."""
+    from prefixcap.recipe import list_recipes
+
+    found = list_recipes()
+    if as_json:
+        click.echo(json.dumps([{"name": n, "path": str(p), "description": d} for n, p, d in found], indent=2))
+        return
+    table = Table(title="prefixcap recipes", title_justify="left")
+    for col in ("name", "path", "description"):
+        table.add_column(col, overflow="fold")
+    for name, path, description in found:
+        table.add_row(name, str(path), description)
+    out.print(table)
+
+
+@cli.command()
+@click.argument("recipe")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors_to_exit_2
+def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
+    """Dry-run RECIPE (a path or a name from `prefixcap recipes`): resolve, wire and count, no weights, no training."""
+    from prefixcap.compose import validate as validate_recipe
+
+    report = validate_recipe(recipe, overrides)
+    if as_json:
+        click.echo(json.dumps({
+            "recipe": report.recipe.source, "system": report.system, "total_params": report.total,
+            "trainable_params": report.trainable, "prefix_tokens": report.prefix_tokens,
+            "lora_targets": report.lora_targets,
+            "components": [c.__dict__ for c in report.components],
+        }, indent=2))  # fmt: skip
+        return
+    table = Table(title=f"{report.recipe.source}: system {report.system!r}", title_justify="left")
+    for col, justify in (("section", "left"), ("component", "left"), ("checkpoint", "left"),
+                         ("params", "right"), ("trainable", "right")):  # fmt: skip
+        table.add_column(col, justify=justify, overflow="fold")
+    for c in report.components:
+        table.add_row(c.slot, c.name, c.checkpoint or "", f"{c.total:,}", f"{c.trainable:,}")
+    table.add_row("[bold]total[/]", "", "", f"[bold]{report.total:,}[/]", f"[bold]{report.trainable:,}[/]")
+    out.print(table)
+    details = []
+    if report.prefix_tokens is not None:
+        details.append(f"prefix tokens: {report.prefix_tokens}")
+    if report.lora_targets:
+        details.append(f"LoRA targets: {', '.join(report.lora_targets)}")
+    share = 100 * report.trainable / report.total if report.total else 0.0
+    details.append(f"trainable: {share:.2f}%")
+    out.print("ok: " + "; ".join(details), highlight=False)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Built-in connectors: visual tokens (B, N, D) -> decoder-width prefix (B, K, H)."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from prefixcap.hookspecs import hookimpl
+from prefixcap.registry import ComponentOptions
+
+
+class LinearOptions(ComponentOptions):
+    # Token reduction before projecting: "avg" pools factor x factor patches, "pixel-shuffle" stacks them into the
+    # channel dimension (keeps all information, multiplies D by factor^2). 196 tokens -> 49 with factor 2.
+    pool: Literal["none", "avg", "pixel-shuffle"] = "none"
+    factor: int = Field(1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _factor_needs_pool(self):
+        if self.factor > 1 and self.pool == "none":
+            raise ValueError("factor > 1 needs pool: avg or pool: pixel-shuffle")
+        return self
+
+
+class MLPOptions(LinearOptions):
+    # distilvit2's projection: 2048 hidden, GELU, dropout 0.1.
+    hidden: int = Field(2048, ge=1)
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+@hookimpl
+def register_connectors(register):
+    register("linear", factory="prefixcap.connectors.linear:LinearConnector", options=LinearOptions,
+             description="One linear projection to decoder width, optional avg/pixel-shuffle token reduction")
+    register("mlp", factory="prefixcap.connectors.linear:MLPConnector", options=MLPOptions,
+             description="Two-layer MLP projection (distilvit2's), optional avg/pixel-shuffle token reduction")

@@ -1,0 +1,38 @@
+"""Built-in decoders: causal LMs (any AutoModelForCausalLM) with a frozen base and LoRA through peft."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefixcap.hookspecs import hookimpl
+from prefixcap.registry import ComponentOptions
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Module-name suffixes to adapt; None picks the attention projections of the architecture (see causal_lm.py).
+    targets: list[str] | None = None
+
+
+class CausalLMOptions(ComponentOptions):
+    checkpoint: str  # any AutoModelForCausalLM hub id or local directory, or "tiny"
+    # lora: frozen base + LoRA adapters (default); full: train every weight; frozen: train nothing here.
+    finetune: Literal["lora", "full", "frozen"] = "lora"
+    lora: LoraOptions = LoraOptions()
+    trust_remote_code: bool = False
+
+
+class SmolLMOptions(CausalLMOptions):
+    checkpoint: str = "HuggingFaceTB/SmolLM-135M"
+
+
+@hookimpl
+def register_decoders(register):
+    register("causal-lm", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=CausalLMOptions,
+             description="Any transformers AutoModelForCausalLM (checkpoint required), LoRA via peft")
+    register("smollm", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=SmolLMOptions,
+             description="SmolLM-135M (Llama architecture), LoRA on q/k/v/o by default")

@@ -1,0 +1,112 @@
+"""A transformers causal LM as a prefix decoder: frozen base, LoRA adapters, embeddings in, logits out."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.decoders import CausalLMOptions
+from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.errors import CompositionError
+from prefixcap.interfaces import Decoder
+from prefixcap.recipe import GenerateConfig
+
+# Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
+# (the prefix enters through attention); peft's own defaults adapt q and v only.
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "gpt2": ["c_attn", "c_proj"],
+}
+
+# Same class as SmolLM (Llama), scaled down; the vocabulary is the byte tokenizer's (259 ids).
+TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   tie_word_embeddings=True, vocab_size=259, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+
+class CausalLMDecoder(Decoder):
+    def __init__(self, options: CausalLMOptions, *, pretrained: bool = True):
+        super().__init__()
+        self.options = options
+        checkpoint = options.checkpoint
+        if options.trust_remote_code:
+            warnings.warn(f"trust_remote_code is on: code shipped with {checkpoint!r} will run", stacklevel=2)
+        config = load_config(checkpoint, AutoConfig, TINY_CONFIG)
+        if pretrained and checkpoint != TINY:
+            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(
+                checkpoint, config=config, trust_remote_code=options.trust_remote_code), checkpoint, "weights")  # fmt: skip
+            self._tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(
+                checkpoint, trust_remote_code=options.trust_remote_code), checkpoint, "tokenizer")  # fmt: skip
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
+            self._tokenizer = byte_tokenizer() if checkpoint == TINY else None
+        if self._tokenizer is not None and self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token  # labels mask padding anyway
+        self.config = config
+        self._targets: list[str] = []
+        if options.finetune == "full":
+            model.requires_grad_(True)
+        else:
+            model.requires_grad_(False)
+        if options.finetune == "lora":
+            model = self._add_lora(model)
+        self.model = model
+
+    def _add_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.options.lora
+        targets = lora.targets or DEFAULT_LORA_TARGETS.get(self.config.model_type)
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        if not targets:
+            raise CompositionError(
+                f"no default LoRA targets for model_type {self.config.model_type!r}; set decoder.lora.targets "
+                f"to some of: {', '.join(linear_names)}"
+            )
+        missing = [t for t in targets if t not in linear_names]
+        if missing:
+            raise CompositionError(
+                f"LoRA targets {missing} are not modules of this {self.config.model_type} architecture; "
+                f"its linear layers are: {', '.join(linear_names)}"
+            )
+        self._targets = list(targets)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                            bias="none")  # fmt: skip
+        return get_peft_model(model, config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return self._targets
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(input_ids)  # (B, T) -> (B, T, H)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None) -> Tensor:
+        # Only the positions that predict caption tokens need logits: with a 196-token prefix and a 49k
+        # vocabulary, the rest would be most of the lm_head's cost.
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                         logits_to_keep=num_logits or 0)  # fmt: skip
+        return out.logits  # (B, L or num_logits, V)
+
+    def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
+        tok = self._tokenizer
+        sampling = dict(temperature=config.temperature, top_p=config.top_p) if config.do_sample else {}
+        return self.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
+            num_beams=config.num_beams, do_sample=config.do_sample, repetition_penalty=config.repetition_penalty,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling,
+        )  # (B, T_new): with only embeddings as input, generate returns just the new tokens

@@ -1,0 +1,65 @@
+"""SigLIP vision tower: every patch token (no pooling head), so the connector sees the whole image."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.encoders import SiglipOptions
+from prefixcap.images import ImageProcessor
+from prefixcap.interfaces import Encoder, ParamGroup
+
+# Same class as siglip-base, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64.
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8, vision_use_head=False)  # fmt: skip
+
+
+class SiglipEncoder(Encoder):
+    def __init__(self, options: SiglipOptions, *, pretrained: bool = True):
+        super().__init__()
+        self.options = options
+        checkpoint = options.checkpoint
+        config = load_config(checkpoint, SiglipVisionConfig, TINY_CONFIG)
+        config.vision_use_head = False  # the pooled vector is unused; its weights would only cost memory
+        if pretrained and checkpoint != TINY:
+            self.model = fetch(lambda: SiglipVisionModel.from_pretrained(checkpoint, config=config), checkpoint,
+                               "SigLIP weights")  # fmt: skip
+        else:
+            self.model = SiglipVisionModel(config)
+        self.config = config
+        self.model.requires_grad_(False)
+        tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests the tower; 5 does not
+        layers = tower.encoder.layers
+        if options.unfreeze_last > len(layers):
+            raise ValueError(f"unfreeze_last={options.unfreeze_last} but the encoder has {len(layers)} blocks")
+        for layer in layers[len(layers) - options.unfreeze_last :]:
+            layer.requires_grad_(True)
+        if options.unfreeze_last:
+            tower.post_layernorm.requires_grad_(True)
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.config.image_size // self.config.patch_size) ** 2
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        # SigLIP squashes to a square and normalises to [-1, 1].
+        return ImageProcessor(self.config.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="squash")
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, N, D)
+
+    def param_groups(self) -> list[ParamGroup]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [ParamGroup("encoder", params, self.options.unfreeze_lr_scale)] if params else []
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no dropout) even while the system trains.
+        super().train(mode and self.options.unfreeze_last > 0)
+        return self

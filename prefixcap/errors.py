@@ -1,0 +1,27 @@
+"""Domain errors. Each carries the message a user should read; the CLI prints it and exits with code 2."""
+
+
+class PrefixcapError(Exception):
+    """Base of every error prefixcap reports to users (CLI: one line, exit code 2, no traceback)."""
+
+
+class RecipeError(PrefixcapError):
+    """A recipe (YAML file, dict or --set override) is invalid."""
+
+
+class PluginError(PrefixcapError):
+    """A plugin failed to load, registered something invalid, or clashes with another plugin."""
+
+
+class UnknownComponentError(PluginError):
+    """No component of that kind and name is registered."""
+
+    def __init__(self, kind: str, name: str, suggestions: list[str], known: list[str]):
+        self.kind, self.name, self.suggestions, self.known = kind, name, suggestions, known
+        hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+        listing = ", ".join(known) if known else "none registered"
+        super().__init__(f"unknown {kind} {name!r}{hint} (registered {kind}s: {listing})")
+
+
+class CompositionError(PrefixcapError):
+    """Components were found but do not fit together (dimensions, LoRA targets, missing parts)."""

@@ -1,0 +1,69 @@
+"""The whole plugin contract of prefixcap, in one file.
+
+A plugin is a module listed under the ``prefixcap`` entry-point group of its distribution. It implements one or more
+of the hooks below; each hook receives a ``register`` callable to call once per component::
+
+    from prefixcap import hookimpl
+
+    @hookimpl
+    def register_decoders(register):
+        register(
+            "my-lm",                                  # unique among decoders
+            factory="my_plugin.model:build",          # imported only when the component is built
+            options=MyLMOptions,                      # pydantic model of the component's recipe options
+            description="My 50M-parameter decoder",   # one line, shown by `prefixcap plugins`
+        )
+
+Keep the plugin module free of heavy imports (torch, transformers): listing components imports it, and
+`prefixcap plugins` must stay fast. The factory named by ``factory`` is called with the validated options object and
+the wiring compose() supplies for its kind:
+
+    encoder    factory(options, *, pretrained: bool) -> prefixcap.interfaces.Encoder
+    connector  factory(options, *, in_dim: int, out_dim: int, in_tokens: int) -> Connector
+    decoder    factory(options, *, pretrained: bool) -> Decoder
+    loss       factory(options) -> Loss
+    system     factory(options, *, encoder, connector, decoder, losses) -> System
+    dataset    factory(options) -> DatasetSource
+
+``pretrained=False`` asks for the architecture only (config, no weights): `prefixcap validate` builds systems that
+way, on the meta device, so that checking a 200M-parameter recipe costs nothing.
+
+Builtins register through exactly these hooks, declared as entry points in prefixcap's own pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("prefixcap")
+hookimpl = pluggy.HookimplMarker("prefixcap")
+
+
+@hookspec
+def register_encoders(register):
+    """Register vision encoders: images -> visual tokens (B, N, D)."""
+
+
+@hookspec
+def register_connectors(register):
+    """Register connectors: visual tokens (B, N, D) -> decoder-width prefix (B, K, H)."""
+
+
+@hookspec
+def register_decoders(register):
+    """Register decoders: causal language models that accept a prefix of embeddings."""
+
+
+@hookspec
+def register_losses(register):
+    """Register training losses: (system outputs, batch) -> scalar."""
+
+
+@hookspec
+def register_systems(register):
+    """Register systems: how components are wired together (prefix, cross-attention, ...)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset sources: where (image, captions) examples come from."""

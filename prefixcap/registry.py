@@ -1,0 +1,256 @@
+"""Plugin loading and the component registry.
+
+A registration is data: kind, name, description, the pydantic options model, and a lazy ``"module:factory"`` path.
+Listing components imports plugin modules but never the factories, so it never imports torch. Built-in components
+are loaded exactly like third-party ones: from the ``prefixcap`` entry-point group, prefixcap's own distribution
+first (so on a name clash the builtin is the one already there when the clash is found).
+
+``PREFIXCAP_LOAD_PLUGINS`` limits which third-party distributions are loaded: unset loads every installed plugin,
+an empty string loads builtins only, ``"a,b"`` loads builtins plus distributions a and b.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata as metadata
+import os
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from prefixcap import hookspecs
+from prefixcap.errors import PluginError, UnknownComponentError
+
+ENTRY_POINT_GROUP = "prefixcap"
+SELF_DIST = "prefixcap"
+KINDS = ("encoder", "connector", "decoder", "loss", "system", "dataset")
+HOOKS = {kind: f"register_{kind}{'es' if kind.endswith('s') else 's'}" for kind in KINDS}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class ComponentOptions(BaseModel):
+    """Base of every component's options model: the recipe's ``{name, checkpoint, **options}`` minus ``name``.
+
+    Subclass it and add fields; unknown keys are rejected so a typo in a recipe is an error, not a silent default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Who registered a component: a distribution, its version, and the entry point (plugin module) inside it."""
+
+    dist: str
+    version: str
+    plugin: str
+
+    def __str__(self) -> str:
+        return f"{self.dist} {self.version}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str
+    name: str
+    factory: str
+    options: type[ComponentOptions]
+    description: str
+    provider: Provider
+
+    def parse_options(self, raw: dict[str, Any] | ComponentOptions | None) -> ComponentOptions:
+        if isinstance(raw, self.options):
+            return raw
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump(exclude_unset=True)
+        return self.options.model_validate(raw or {})
+
+    def load_factory(self) -> Callable[..., Any]:
+        module_name, _, attr = self.factory.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except Exception as e:  # the plugin's own import may raise anything
+            raise PluginError(
+                f"{self.kind} {self.name!r} from {self.provider}: cannot import {self.factory}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that failed to import, whose hook raised, or that registered something invalid or clashing."""
+
+    provider: Provider
+    error: str
+
+
+@dataclass
+class Registry:
+    components: dict[tuple[str, str], Registration] = field(default_factory=dict)
+    clashes: dict[tuple[str, str], list[Provider]] = field(default_factory=dict)
+    broken: list[BrokenPlugin] = field(default_factory=list)
+    plugin_manager: pluggy.PluginManager | None = None
+
+    def get(self, kind: str, name: str) -> Registration:
+        _check_kind(kind)
+        if (kind, name) in self.clashes:
+            names = " and ".join(str(p) for p in self.clashes[(kind, name)])
+            raise PluginError(
+                f"{kind} {name!r} is registered by both {names}; uninstall one, or choose the plugins to load "
+                f"with PREFIXCAP_LOAD_PLUGINS"
+            )
+        try:
+            return self.components[(kind, name)]
+        except KeyError:
+            known = sorted(n for k, n in self.components if k == kind)
+            raise UnknownComponentError(kind, name, difflib.get_close_matches(name, known, n=3, cutoff=0.5), known)
+
+    def list(self, kind: str | None = None, pattern: str | None = None) -> list[Registration]:
+        if kind is not None:
+            _check_kind(kind)
+        rows = [
+            r
+            for r in self.components.values()
+            if (kind is None or r.kind == kind) and (pattern is None or re.search(pattern, r.name))
+        ]
+        return sorted(rows, key=lambda r: (KINDS.index(r.kind), r.name))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise PluginError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+
+
+def _normalise(dist_name: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+def _wanted_dists() -> set[str] | None:
+    """Third-party distributions allowed by PREFIXCAP_LOAD_PLUGINS; None means all of them."""
+    raw = os.environ.get("PREFIXCAP_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {_normalise(d) for d in raw.split(",") if d.strip()}
+
+
+def _plugin_entry_points() -> list[tuple[Provider, metadata.EntryPoint]]:
+    wanted = _wanted_dists()
+    seen: set[str] = set()
+    found: list[tuple[Provider, metadata.EntryPoint]] = []
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        key = _normalise(name)
+        if key in seen:  # the same distribution twice on sys.path: the first one wins, as in importlib
+            continue
+        seen.add(key)
+        if key != SELF_DIST and wanted is not None and key not in wanted:
+            continue
+        for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+            found.append((Provider(name, dist.version, ep.name), ep))
+    # Builtins first, then third parties in a stable order: a clash is then always reported on the newcomer.
+    found.sort(key=lambda pe: (_normalise(pe[0].dist) != SELF_DIST, _normalise(pe[0].dist), pe[0].plugin))
+    return found
+
+
+def _short_error(e: BaseException) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    where = f" ({os.path.basename(frame[0].filename)}:{frame[0].lineno})" if frame else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def load_registry() -> Registry:
+    """Load every allowed plugin and collect its registrations. Failures are recorded, never raised."""
+    reg = Registry()
+    pm = pluggy.PluginManager("prefixcap")
+    pm.add_hookspecs(hookspecs)
+    reg.plugin_manager = pm
+    providers: dict[str, Provider] = {}
+
+    for provider, ep in _plugin_entry_points():
+        plugin_name = f"{provider.dist}:{provider.plugin}"
+        try:
+            module = ep.load()
+            pm.register(module, name=plugin_name)
+        except Exception as e:
+            reg.broken.append(BrokenPlugin(provider, f"cannot load {ep.value}: {_short_error(e)}"))
+            continue
+        providers[plugin_name] = provider
+
+    for kind in KINDS:
+        hook = getattr(pm.hook, HOOKS[kind])
+        for impl in hook.get_hookimpls():
+            provider = providers[impl.plugin_name]
+
+            def register(name, factory, options=ComponentOptions, description="", _kind=kind, _p=provider):
+                _add(reg, _kind, name, factory, options, description, _p)
+
+            try:
+                # Called one plugin at a time so a hook that raises only breaks its own plugin.
+                impl.function(*[{"register": register}[a] for a in impl.argnames])
+            except Exception as e:
+                reg.broken.append(BrokenPlugin(provider, f"{HOOKS[kind]} failed: {_short_error(e)}"))
+    return reg
+
+
+def _add(reg: Registry, kind, name, factory, options, description, provider: Provider) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(f"invalid {kind} name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
+    if not isinstance(factory, str) or ":" not in factory:
+        raise PluginError(f"{kind} {name!r}: factory must be a 'module:attribute' string, got {factory!r}")
+    if not (isinstance(options, type) and issubclass(options, ComponentOptions)):
+        raise PluginError(f"{kind} {name!r}: options must subclass prefixcap.ComponentOptions, got {options!r}")
+    first_line = (description or "").strip().splitlines()[0] if (description or "").strip() else ""
+    key = (kind, name)
+    if key in reg.components or key in reg.clashes:
+        first = reg.components.pop(key, None)
+        owners = reg.clashes.setdefault(key, [first.provider] if first else [])
+        owners.append(provider)
+        reg.broken.append(
+            BrokenPlugin(provider, f"{kind} {name!r} clashes with the one registered by {owners[0]}")
+        )
+        return
+    reg.components[key] = Registration(kind, name, factory, options, first_line, provider)
+
+
+_REGISTRY: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, loaded on first use (idempotent)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_registry()
+    return _REGISTRY
+
+
+def reload_registry() -> Registry:
+    """Forget loaded plugins and load them again (after installing one, or changing PREFIXCAP_LOAD_PLUGINS)."""
+    global _REGISTRY
+    _REGISTRY = None
+    return registry()
+
+
+def list_components(kind: str | None = None, pattern: str | None = None) -> list[Registration]:
+    """Registered components, optionally of one kind and/or whose name matches a regex. Never imports torch."""
+    return registry().list(kind, pattern)
+
+
+def get_component(kind: str, name: str) -> Registration:
+    return registry().get(kind, name)
+
+
+def create(kind: str, name: str, options: dict[str, Any] | ComponentOptions | None = None, **wiring: Any) -> Any:
+    """Build one component by kind and name; ``options`` are validated by the component's own options model."""
+    registration = get_component(kind, name)
+    try:
+        opts = registration.parse_options(options)
+    except ValidationError as e:
+        raise PluginError(f"{kind} {name!r}: invalid options: {e}") from e
+    return registration.load_factory()(opts, **wiring)

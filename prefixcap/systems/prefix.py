@@ -1,0 +1,47 @@
+"""The prefix captioner: image -> encoder -> connector -> [prefix ; caption embeddings] -> decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prefixcap.errors import CompositionError
+from prefixcap.interfaces import Batch, Connector, Decoder, Encoder, Loss, System, SystemOutput
+from prefixcap.recipe import GenerateConfig
+from prefixcap.systems import PrefixOptions
+
+
+class PrefixSystem(System):
+    def __init__(self, options: PrefixOptions, *, encoder: Encoder, connector: Connector | None, decoder: Decoder,
+                 losses: list[Loss]):  # fmt: skip
+        super().__init__()
+        if connector is None:
+            raise CompositionError("the prefix system needs a connector section (e.g. `connector: mlp`)")
+        self.encoder, self.connector, self.decoder = encoder, connector, decoder
+        self.losses = nn.ModuleList(losses)
+        self.num_prefix_tokens = connector.output_tokens(encoder.num_tokens)
+
+    def prefix(self, pixel_values: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        if features is None:
+            features = self.encoder(pixel_values)  # (B, 3, S, S) -> (B, N, D)
+        return self.connector(features)  # (B, N, D) -> (B, K, H)
+
+    def forward(self, batch: Batch) -> SystemOutput:
+        prefix = self.prefix(batch.pixel_values, batch.features)
+        text = self.decoder.embed(batch.input_ids)  # (B, T, H)
+        inputs = torch.cat([prefix.to(text.dtype), text], dim=1)  # (B, K + T, H)
+        ones = batch.attention_mask.new_ones(prefix.shape[:2])
+        mask = torch.cat([ones, batch.attention_mask], dim=1)
+        # Position K-1+t predicts caption token t: keep the last T+1 positions' logits and drop the final one.
+        t = batch.input_ids.shape[1]
+        logits = self.decoder(inputs, mask, num_logits=t + 1)[:, :-1]  # (B, T, V)
+        return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
+        prefix = self.prefix(pixel_values)
+        dtype = self.decoder.embed(prefix.new_zeros(1, 1, dtype=torch.long)).dtype
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        ids = self.decoder.generate(prefix.to(dtype), mask, config)
+        texts = self.decoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
