@@ -357,7 +357,8 @@ def _format(e: ValidationError, prefix: Loc, where, root: type[BaseModel]) -> li
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, rel[:-1])
             allowed = sorted(parent.model_fields) if parent else []
-            msg = f"unknown option {loc[-1]!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
+            what = "section" if parent is Recipe else "option"
+            msg = f"unknown {what} {loc[-1]!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
         elif err["type"] == "missing":
             msg = "required but missing"
         else:

@@ -1,0 +1,127 @@
+"""Test set-up: builtins only by default, so a plugin installed on the developer's machine never changes results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prefixcap.registry import reload_registry
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["PREFIXCAP_LOAD_PLUGINS"] = ""  # inherited by CLI subprocesses too
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach for the hub
+
+
+@pytest.fixture(autouse=True)
+def builtins_only(monkeypatch):
+    monkeypatch.setenv("PREFIXCAP_LOAD_PLUGINS", "")
+    reload_registry()
+    yield
+    reload_registry()
+
+
+# A throwaway third-party distribution, installed for real by pip (with --target, so the test environment itself
+# is never modified). Each entry point exercises one way a plugin can behave.
+PLUGIN_DIST = "prefixcap-testplugin"
+PLUGIN_FILES = {
+    "pyproject.toml": f"""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{PLUGIN_DIST}"
+        version = "0.3.1"
+        [project.entry-points.prefixcap]
+        good = "pcap_testplugin.good"
+        broken_import = "pcap_testplugin.broken_import"
+        raising_hook = "pcap_testplugin.raising_hook"
+        clash = "pcap_testplugin.clash"
+        bad_registration = "pcap_testplugin.bad_registration"
+        [tool.setuptools]
+        packages = ["pcap_testplugin"]
+    """,
+    "pcap_testplugin/__init__.py": "",
+    "pcap_testplugin/good.py": """
+        from prefixcap import ComponentOptions, hookimpl
+
+        class ScaleOptions(ComponentOptions):
+            scale: float = 2.0
+
+        @hookimpl
+        def register_connectors(register):
+            register("scaled-linear", factory="pcap_testplugin.scaled:ScaledLinear", options=ScaleOptions,
+                     description="Linear projection times a constant\\nsecond line is not shown")
+    """,
+    "pcap_testplugin/scaled.py": """
+        from prefixcap.connectors.linear import LinearConnector
+        from prefixcap.connectors import LinearOptions
+
+        class ScaledLinear(LinearConnector):
+            def __init__(self, options, *, in_dim, out_dim, in_tokens):
+                super().__init__(LinearOptions(), in_dim=in_dim, out_dim=out_dim, in_tokens=in_tokens)
+                self.scale = options.scale
+
+            def forward(self, tokens):
+                return super().forward(tokens) * self.scale
+    """,
+    "pcap_testplugin/broken_import.py": """
+        raise ImportError("this plugin needs libfoo, which is not installed")
+    """,
+    "pcap_testplugin/raising_hook.py": """
+        from prefixcap import hookimpl
+
+        @hookimpl
+        def register_losses(register):
+            raise RuntimeError("hook exploded")
+    """,
+    "pcap_testplugin/clash.py": """
+        from prefixcap import hookimpl
+
+        @hookimpl
+        def register_encoders(register):
+            register("siglip", factory="pcap_testplugin.nowhere:Encoder", description="an impostor")
+    """,
+    "pcap_testplugin/bad_registration.py": """
+        from prefixcap import hookimpl
+
+        @hookimpl
+        def register_decoders(register):
+            register("Not A Name", factory="x:y")
+    """,
+}
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """Directory that pip installed the test plugin distribution into (put it on sys.path to 'install' it)."""
+    src = tmp_path_factory.mktemp("plugin-src")
+    for rel, text in PLUGIN_FILES.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(textwrap.dedent(text).lstrip())
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(src)],
+        check=True,
+    )  # fmt: skip
+    return site
+
+
+@pytest.fixture
+def with_plugin(plugin_site, monkeypatch):
+    """The test plugin installed and allowed to load."""
+    monkeypatch.syspath_prepend(str(plugin_site))
+    monkeypatch.setenv("PREFIXCAP_LOAD_PLUGINS", PLUGIN_DIST)
+    return reload_registry()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the installed `prefixcap` console script as a user would."""
+    exe = Path(sys.executable).with_name("prefixcap")
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
