@@ -40,7 +40,7 @@ def to_rgb_tensor(image: Any) -> torch.Tensor:
         if array.ndim != 3:
             raise ImageError(f"expected an HxW or HxWxC array, got shape {image.shape}")
         scale = 65535.0 if array.dtype == np.uint16 else 255.0 if array.dtype.kind in "ui" else 1.0
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / scale
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1) / scale
     elif isinstance(image, torch.Tensor):
         tensor = image.float() if image.is_floating_point() else image.float() / 255.0
         if tensor.ndim == 2:

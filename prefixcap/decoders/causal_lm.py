@@ -78,7 +78,9 @@ class CausalLMDecoder(Decoder):
         self._targets = list(targets)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                             bias="none")  # fmt: skip
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
 
     @property
     def hidden_size(self) -> int:

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, LlamaConfig, SiglipConfig, SiglipModel
+
+import prefixcap
+from prefixcap import CompositionError, compose, validate
+from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.interfaces import Batch
+
+TINY = {
+    "encoder": {"name": "siglip", "checkpoint": "tiny"},
+    "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
+    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4}},
+}
+
+
+def make_batch(system, captions: list[str], pad_to: int | None = None) -> Batch:
+    tok = system.decoder.tokenizer
+    enc = tok([c + tok.eos_token for c in captions], padding="max_length" if pad_to else True,
+              max_length=pad_to, return_tensors="pt")  # fmt: skip
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    pixels = torch.randn(len(captions), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return Batch(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+
+
+def test_compose_from_dicts_builds_a_trainable_prefix_system():
+    torch.manual_seed(0)
+    system = compose(TINY)
+    assert system.num_prefix_tokens == 16
+    batch = make_batch(system, ["a red circle", "two blue squares on the left"])
+    loss, parts = system.loss(batch)
+    assert torch.isfinite(loss) and set(parts) == {"CaptionLoss"}
+    loss.backward()
+    trained = {n for n, p in system.named_parameters() if p.grad is not None}
+    assert trained and all(("connector" in n) or ("lora_" in n) for n in trained)
+    assert not any(p.requires_grad for p in system.encoder.parameters())  # frozen by default
+
+
+def test_padding_is_never_trained_on():
+    torch.manual_seed(0)
+    system = compose(TINY).eval()
+    short = make_batch(system, ["a red circle"], pad_to=24)
+    longer_pad = make_batch(system, ["a red circle"], pad_to=40)
+    garbage = make_batch(system, ["a red circle"], pad_to=24)
+    garbage.input_ids = garbage.input_ids.masked_fill(garbage.attention_mask == 0, 77)  # junk under the mask
+    with torch.no_grad():
+        values = [float(system.loss(b)[0]) for b in (short, longer_pad, garbage)]
+    assert values[0] == pytest.approx(values[1], rel=1e-5) and values[0] == pytest.approx(values[2], rel=1e-5)
+
+
+def test_caption_is_greedy_and_accepts_pil_arrays_and_tensors():
+    torch.manual_seed(0)
+    system = compose(TINY).eval()
+    images = [Image.new("RGB", (50, 40), "red"), np.zeros((20, 20), np.uint8), torch.rand(3, 64, 48)]
+    first = system.caption(images, max_new_tokens=5)
+    assert len(first) == 3 and all(isinstance(c, str) for c in first)
+    assert system.caption(images, max_new_tokens=5) == first  # greedy: same answer every time
+
+
+def test_python_api_composes_from_names_specs_and_objects_without_yaml():
+    decoder = prefixcap.create("decoder", "smollm", {"checkpoint": "tiny"}, pretrained=True)
+    system = compose(encoder={"name": "siglip", "checkpoint": "tiny"}, connector="linear", decoder=decoder)
+    assert system.decoder is decoder
+    assert system.connector.out_dim == decoder.hidden_size and system.connector.in_dim == system.encoder.dim
+
+
+def test_compose_checks_dimensions_of_given_objects():
+    wrong = prefixcap.create("connector", "linear", {}, in_dim=99, out_dim=64, in_tokens=16)
+    with pytest.raises(CompositionError, match="connector takes D=99 but the encoder gives D=64"):
+        compose(TINY, connector=wrong)
+
+
+def test_token_reduction_needs_a_matching_grid():
+    system = compose(TINY, connector={"name": "mlp", "pool": "pixel-shuffle", "factor": 2})
+    assert system.num_prefix_tokens == 4
+    assert system.prefix(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 64)
+    with pytest.raises(CompositionError, match="square token grid divisible by 3"):
+        compose(TINY, connector={"name": "mlp", "pool": "avg", "factor": 3})
+
+
+def test_missing_parts_are_clear_errors():
+    with pytest.raises(CompositionError, match="needs a connector section"):
+        compose({k: v for k, v in TINY.items() if k != "connector"})
+    with pytest.raises(CompositionError, match="a system needs an encoder"):
+        compose({"decoder": TINY["decoder"]})
+
+
+def test_bad_lora_targets_list_the_architectures_layers():
+    with pytest.raises(CompositionError) as e:
+        validate(TINY, ["decoder.lora.targets=[q_prj]"])
+    msg = str(e.value)
+    assert msg.startswith("--set decoder.lora.targets: decoder 'smollm': LoRA targets")
+    assert "LoRA targets ['q_prj'] are not modules of this llama architecture" in msg
+    assert "k_proj, lm_head, o_proj, q_proj" in msg
+
+
+def test_validate_real_size_recipe_offline_on_meta_device():
+    report = validate("siglip-smollm135")
+    parts = {c.slot: c for c in report.components}
+    # LoRA r=16 on q,k,v,o of 30 layers, hidden 576, 3 of 9 heads for k/v (width 192): r * (in + out) each.
+    lora = 30 * 16 * ((576 + 576) + (576 + 192) + (576 + 192) + (576 + 576))
+    mlp = (768 * 2048 + 2048) + (2048 * 576 + 576)
+    assert parts["decoder"].trainable == lora
+    assert parts["connector"].trainable == parts["connector"].total == mlp
+    assert parts["encoder"].trainable == 0
+    assert report.trainable == lora + mlp
+    assert report.prefix_tokens == (224 // 16) ** 2
+    assert report.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_hub_id_without_network_is_a_clear_error(tmp_path):
+    with pytest.raises(CompositionError, match="neither a local directory nor reachable on the model hub"):
+        compose(TINY, decoder={"name": "causal-lm", "checkpoint": "nobody/no-such-model"})
+    with pytest.raises(CompositionError, match="does not hold a usable checkpoint"):
+        compose(TINY, decoder={"name": "causal-lm", "checkpoint": str(tmp_path)})
+
+
+def test_local_checkpoints_load_through_from_pretrained(tmp_path):
+    """The hub-loading code path, on tiny checkpoints of the same classes saved locally."""
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+    siglip = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))  # saved whole, like google's
+    siglip.save_pretrained(tmp_path / "siglip")
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, vocab_size=259))  # fmt: skip
+    llama.save_pretrained(tmp_path / "llm")
+    byte_tokenizer().save_pretrained(tmp_path / "llm")
+
+    system = compose({
+        "encoder": {"name": "siglip", "checkpoint": str(tmp_path / "siglip")},
+        "connector": "linear",
+        "decoder": {"name": "causal-lm", "checkpoint": str(tmp_path / "llm"), "finetune": "frozen"},
+    })  # fmt: skip
+    assert system.encoder.dim == 32 and system.num_prefix_tokens == 16
+    theirs = siglip.vision_model.encoder.layers[1].mlp.fc2.weight
+    ours = system.encoder.model.get_submodule("encoder.layers.1.mlp.fc2").weight
+    assert torch.equal(ours, theirs)
+    assert torch.equal(system.decoder.model.lm_head.weight, llama.lm_head.weight)
+    assert system.decoder.tokenizer.decode(system.decoder.tokenizer("héllo").input_ids) == "héllo"
