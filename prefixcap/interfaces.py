@@ -25,17 +25,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class ParamGroup:
-    """What a component trains and at which learning rate (``lr_scale`` times the recipe's ``train.lr``)."""
+    """What a component trains and at which learning rate (``lr=None``: the recipe's ``train.lr``)."""
 
     name: str
     params: list[nn.Parameter]
-    lr_scale: float = 1.0
+    lr: float | None = None
     weight_decay: float | None = None
 
 
-def trainable_group(module: nn.Module, name: str, lr_scale: float = 1.0) -> list[ParamGroup]:
+def trainable_group(module: nn.Module, name: str, lr: float | None = None) -> list[ParamGroup]:
     params = [p for p in module.parameters() if p.requires_grad]
-    return [ParamGroup(name, params, lr_scale)] if params else []
+    return [ParamGroup(name, params, lr)] if params else []
 
 
 @dataclass
@@ -61,6 +61,8 @@ class SystemOutput:
 class Encoder(nn.Module, ABC):
     """Images -> visual tokens (B, N, D). Frozen unless its options unfreeze some blocks."""
 
+    lr: float | None = None  # learning rate of whatever it trains; None: the recipe's train.lr
+
     @property
     @abstractmethod
     def dim(self) -> int: ...
@@ -81,11 +83,13 @@ class Encoder(nn.Module, ABC):
         return self.image_processor(images)
 
     def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "encoder")
+        return trainable_group(self, "encoder", self.lr)
 
 
 class Connector(nn.Module, ABC):
     """Visual tokens (B, N, D) -> decoder-width prefix (B, K, H); may change the number of tokens."""
+
+    lr: float | None = None
 
     @property
     @abstractmethod
@@ -104,11 +108,13 @@ class Connector(nn.Module, ABC):
         """(B, N, D) -> (B, K, H)"""
 
     def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "connector")
+        return trainable_group(self, "connector", self.lr)
 
 
 class Decoder(nn.Module, ABC):
     """A causal LM that takes a prefix of embeddings in front of the text embeddings."""
+
+    lr: float | None = None
 
     @property
     @abstractmethod
@@ -137,11 +143,13 @@ class Decoder(nn.Module, ABC):
         """Continue from embeddings; returns new token ids (B, T_new)."""
 
     def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "decoder")
+        return trainable_group(self, "decoder", self.lr)
 
 
 class Loss(nn.Module, ABC):
     """A training objective; the system sums ``weight * loss`` over its losses."""
+
+    lr: float | None = None  # for losses with trainable parts (e.g. a projection head)
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -152,7 +160,7 @@ class Loss(nn.Module, ABC):
         """-> scalar"""
 
     def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, f"loss.{type(self).__name__}")
+        return trainable_group(self, f"loss.{type(self).__name__}", self.lr)
 
 
 class System(nn.Module, ABC):

@@ -76,7 +76,7 @@ def test_component_option_errors_point_into_the_component(tmp_path):
     msg = error_of(write(tmp_path, GOOD.replace("r: 4", "r: 0").replace("hidden: 64", "hiden: 64")))
     lines = msg.splitlines()
     assert lines[0].endswith(":8: connector.hiden: unknown option 'hiden' (expected one of: activation, "
-                             "checkpoint, dropout, factor, hidden, pool)")  # fmt: skip
+                             "checkpoint, dropout, factor, hidden, lr, pool)")  # fmt: skip
     assert lines[1].endswith(":12: decoder.lora.r: Input should be greater than or equal to 1; got 0")
 
 

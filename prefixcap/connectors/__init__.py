@@ -13,6 +13,7 @@ class LinearOptions(ComponentOptions):
     # channel dimension (keeps all information, multiplies D by factor^2). 196 tokens -> 49 with factor 2.
     pool: Literal["none", "avg", "pixel-shuffle"] = "none"
     factor: int = Field(1, ge=1, le=16)
+    lr: float | None = Field(None, gt=0, description="learning rate (default: train.lr)")
 
     @model_validator(mode="after")
     def _factor_needs_pool(self):

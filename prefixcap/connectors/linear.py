@@ -44,6 +44,7 @@ class TokenReducer(nn.Module):
 class LinearConnector(Connector):
     def __init__(self, options: LinearOptions, *, in_dim: int, out_dim: int, in_tokens: int):
         super().__init__()
+        self.lr = options.lr
         self.reduce = TokenReducer(options.pool, options.factor, in_tokens, in_dim)
         self._in_dim, self._out_dim, self._in_tokens = in_dim, out_dim, in_tokens
         self.proj = self._projection(options, self.reduce.out_dim, out_dim)

@@ -23,6 +23,7 @@ class CausalLMOptions(ComponentOptions):
     # lora: frozen base + LoRA adapters (default); full: train every weight; frozen: train nothing here.
     finetune: Literal["lora", "full", "frozen"] = "lora"
     lora: LoraOptions = LoraOptions()
+    lr: float | None = Field(None, gt=0, description="learning rate of LoRA (or all) weights; default train.lr")
     trust_remote_code: bool = False
 
 

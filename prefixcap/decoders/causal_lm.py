@@ -34,6 +34,7 @@ class CausalLMDecoder(Decoder):
     def __init__(self, options: CausalLMOptions, *, pretrained: bool = True):
         super().__init__()
         self.options = options
+        self.lr = options.lr
         checkpoint = options.checkpoint
         if options.trust_remote_code:
             warnings.warn(f"trust_remote_code is on: code shipped with {checkpoint!r} will run", stacklevel=2)

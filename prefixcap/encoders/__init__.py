@@ -10,7 +10,7 @@ class EncoderOptions(ComponentOptions):
     # Frozen by default: the prefix recipe trains the connector and LoRA only. Unfreezing the last blocks at a
     # lower learning rate is the usual next step when the domain is far from the encoder's pre-training.
     unfreeze_last: int = Field(0, ge=0, description="train the last N transformer blocks")
-    unfreeze_lr_scale: float = Field(0.1, gt=0, description="their LR as a fraction of train.lr")
+    unfreeze_lr: float | None = Field(None, gt=0, description="their learning rate (default: train.lr)")
 
 
 class SiglipOptions(EncoderOptions):

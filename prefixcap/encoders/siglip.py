@@ -8,7 +8,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from prefixcap.checkpoints import TINY, fetch, load_config
 from prefixcap.encoders import SiglipOptions
 from prefixcap.images import ImageProcessor
-from prefixcap.interfaces import Encoder, ParamGroup
+from prefixcap.interfaces import Encoder
 
 # Same class as siglip-base, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64.
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -19,6 +19,7 @@ class SiglipEncoder(Encoder):
     def __init__(self, options: SiglipOptions, *, pretrained: bool = True):
         super().__init__()
         self.options = options
+        self.lr = options.unfreeze_lr
         checkpoint = options.checkpoint
         config = load_config(checkpoint, SiglipVisionConfig, TINY_CONFIG)
         config.vision_use_head = False  # the pooled vector is unused; its weights would only cost memory
@@ -54,10 +55,6 @@ class SiglipEncoder(Encoder):
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
         return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, N, D)
-
-    def param_groups(self) -> list[ParamGroup]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return [ParamGroup("encoder", params, self.options.unfreeze_lr_scale)] if params else []
 
     def train(self, mode: bool = True):
         # A frozen encoder stays in eval mode (no dropout) even while the system trains.
