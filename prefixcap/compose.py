@@ -86,17 +86,20 @@ def compose(
         except (PrefixcapError, OSError, ValueError) as e:
             raise CompositionError(f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r}: {e}") from e
 
+    # A system takes the sections it uses; the prefix system needs all three, the cross-attention baseline
+    # owns its models, so each system checks its own inputs.
     with torch.device("meta") if not pretrained else nullcontext():
-        enc = objects.get("encoder") or build(("encoder",), "encoder", recipe_.encoder, pretrained=pretrained)
-        dec = objects.get("decoder") or build(("decoder",), "decoder", recipe_.decoder, pretrained=pretrained)
-        for slot, part in (("encoder", enc), ("decoder", dec)):
-            if part is None:
-                raise CompositionError(f"{recipe_.source}: a system needs an {slot}: add an `{slot}:` section")
-        con = objects.get("connector") or build(
-            ("connector",), "connector", recipe_.connector, in_dim=enc.dim, out_dim=dec.hidden_size,
-            in_tokens=enc.num_tokens,
-        )  # fmt: skip
-        if con is not None:
+        enc = objects["encoder"] if "encoder" in objects else build(("encoder",), "encoder", recipe_.encoder,
+                                                                    pretrained=pretrained)  # fmt: skip
+        dec = objects["decoder"] if "decoder" in objects else build(("decoder",), "decoder", recipe_.decoder,
+                                                                    pretrained=pretrained)  # fmt: skip
+        con = objects.get("connector")
+        if con is None and recipe_.connector is not None:
+            if enc is None or dec is None:
+                raise CompositionError(f"{recipe_.source}: a connector needs both an encoder and a decoder section")
+            con = build(("connector",), "connector", recipe_.connector, in_dim=enc.dim, out_dim=dec.hidden_size,
+                        in_tokens=enc.num_tokens)  # fmt: skip
+        if con is not None and enc is not None and dec is not None:
             _check_dims(enc, con, dec)
         loss_list = loss_objects if loss_objects is not None else [
             build(("losses", i), "loss", spec) for i, spec in enumerate(recipe_.losses)

@@ -47,7 +47,8 @@ class Batch:
     attention_mask: Tensor  # (B, T), 1 for real tokens
     labels: Tensor  # (B, T)
     features: Tensor | None = None  # (B, N, D) cached encoder output
-    references: list[list[str]] | None = None
+    captions: list[str] | None = None  # the caption text behind input_ids (one per image)
+    references: list[list[str]] | None = None  # every reference caption, for evaluation
 
 
 @dataclass
@@ -55,6 +56,8 @@ class SystemOutput:
     logits: Tensor  # (B, T, V): position t predicts labels[:, t]
     labels: Tensor  # (B, T)
     prefix: Tensor | None = None  # (B, K, H) what the decoder was conditioned on
+    hidden: Tensor | None = None  # (B, T, H) decoder's last hidden state at the positions of ``logits``;
+    # computed only when a loss sets ``needs_hidden`` (it costs memory)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -135,8 +138,10 @@ class Decoder(nn.Module, ABC):
         """(B, T) -> (B, T, H)"""
 
     @abstractmethod
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L, H), (B, L) -> logits (B, L, V)"""
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+        """(B, L, H), (B, L) -> logits (B, L', V) for the last L' = num_logits (default all) positions;
+        with ``return_hidden``, also the last hidden state at those positions (B, L', H)."""
 
     @abstractmethod
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
@@ -150,6 +155,7 @@ class Loss(nn.Module, ABC):
     """A training objective; the system sums ``weight * loss`` over its losses."""
 
     lr: float | None = None  # for losses with trainable parts (e.g. a projection head)
+    needs_hidden: bool = False  # ask the system to fill SystemOutput.hidden
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -169,6 +175,9 @@ class System(nn.Module, ABC):
     encoder: Encoder
     decoder: Decoder
     losses: nn.ModuleList
+
+    recipe: Any  # the resolved Recipe it was composed from (set by compose)
+    generate_config: GenerateConfig  # generation defaults from the recipe (set by compose)
 
     @abstractmethod
     def forward(self, batch: Batch) -> SystemOutput: ...

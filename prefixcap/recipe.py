@@ -96,7 +96,7 @@ class Recipe(_Section):
     encoder: ComponentSpec | None = None
     connector: ComponentSpec | None = None
     decoder: ComponentSpec | None = None
-    losses: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="caption")])
+    losses: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="caption-ce")])
     data: ComponentSpec | None = None
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -302,7 +302,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
 def _raw_components(data: dict[str, Any]) -> list[tuple[Loc, str, dict[str, Any]]]:
     """Component sections of a raw recipe dict that have a usable name; malformed ones are left to pydantic."""
     found: list[tuple[Loc, str, Any]] = [((slot,), kind, data.get(slot)) for slot, kind in SLOTS.items()]
-    losses = data.get("losses", [{"name": "caption"}])
+    losses = data.get("losses", [{"name": "caption-ce"}])
     if isinstance(losses, list):
         found += [(("losses", i), "loss", spec) for i, spec in enumerate(losses)]
     if "system" not in data:

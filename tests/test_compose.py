@@ -83,10 +83,12 @@ def test_token_reduction_needs_a_matching_grid():
 
 
 def test_missing_parts_are_clear_errors():
-    with pytest.raises(CompositionError, match="needs a connector section"):
+    with pytest.raises(CompositionError, match="the prefix system needs a connector section"):
         compose({k: v for k, v in TINY.items() if k != "connector"})
-    with pytest.raises(CompositionError, match="a system needs an encoder"):
+    with pytest.raises(CompositionError, match="the prefix system needs an encoder section"):
         compose({"decoder": TINY["decoder"]})
+    with pytest.raises(CompositionError, match="a connector needs both an encoder and a decoder"):
+        compose({"decoder": TINY["decoder"], "connector": "mlp"})
 
 
 def test_bad_lora_targets_list_the_architectures_layers():

@@ -28,7 +28,7 @@ train:
   lr: 3.0e-4
   batch_size: 8
 losses:
-  - name: caption
+  - name: caption-ce
 """
 
 
@@ -51,7 +51,7 @@ def test_good_recipe_gives_typed_component_options(tmp_path):
     assert recipe.connector.options.activation == "gelu"  # the component's own default
     assert isinstance(recipe.decoder.options, SmolLMOptions)
     assert recipe.decoder.options.lora.r == 4 and recipe.decoder.options.lora.targets == ["q_proj", "v_proj"]
-    assert [loss.name for loss in recipe.losses] == ["caption"]  # default loss
+    assert [loss.name for loss in recipe.losses] == ["caption-ce"]  # default loss
     assert recipe.train.lr == 3e-4 and recipe.train.batch_size == 8
     assert recipe.generate.do_sample is False and recipe.generate.num_beams == 1  # greedy unless asked
 
@@ -143,6 +143,6 @@ def test_dict_source_is_not_mutated():
 
 
 def test_apply_override_list_index():
-    data = {"losses": [{"name": "caption"}]}
+    data = {"losses": [{"name": "caption-ce"}]}
     apply_override(data, "losses.0.label_smoothing=0.1")
-    assert data == {"losses": [{"name": "caption", "label_smoothing": 0.1}]}
+    assert data == {"losses": [{"name": "caption-ce", "label_smoothing": 0.1}]}

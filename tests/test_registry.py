@@ -14,7 +14,7 @@ from conftest import PLUGIN_DIST
 
 BUILTINS = {
     ("encoder", "siglip"), ("connector", "linear"), ("connector", "mlp"), ("decoder", "causal-lm"),
-    ("decoder", "smollm"), ("loss", "caption"), ("system", "prefix"),
+    ("decoder", "smollm"), ("loss", "caption-ce"), ("system", "prefix"),
 }  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def test_broken_plugins_are_reported_and_do_not_stop_the_others(with_plugin):
     assert all(b.provider.dist == PLUGIN_DIST for b in with_plugin.broken)
     # everything else still works: the good plugin's component and the builtins
     assert get_component("connector", "scaled-linear")
-    assert get_component("loss", "caption").provider.dist == "prefixcap"
+    assert get_component("loss", "caption-ce").provider.dist == "prefixcap"
 
 
 def test_name_clash_is_an_error_naming_both_providers(with_plugin):

@@ -98,12 +98,18 @@ class CausalLMDecoder(Decoder):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (B, T) -> (B, T, H)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None) -> Tensor:
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
         # Only the positions that predict caption tokens need logits: with a 196-token prefix and a 49k
         # vocabulary, the rest would be most of the lm_head's cost.
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
-                         logits_to_keep=num_logits or 0)  # fmt: skip
-        return out.logits  # (B, L or num_logits, V)
+        # Positions count real tokens only, so left padding (or none) gives the same positions as right padding.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, logits_to_keep=num_logits or 0, output_hidden_states=return_hidden)  # fmt: skip
+        if not return_hidden:
+            return out.logits  # (B, L', V)
+        hidden = out.hidden_states[-1]
+        return out.logits, hidden[:, -num_logits:] if num_logits else hidden
 
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
         tok = self._tokenizer

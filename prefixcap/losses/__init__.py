@@ -16,5 +16,5 @@ class CaptionLossOptions(LossOptions):
 
 @hookimpl
 def register_losses(register):
-    register("caption", factory="prefixcap.losses.caption:CaptionLoss", options=CaptionLossOptions,
+    register("caption-ce", factory="prefixcap.losses.caption:CaptionLoss", options=CaptionLossOptions,
              description="Next-token cross-entropy on caption tokens only (prefix and padding are never targets)")

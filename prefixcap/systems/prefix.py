@@ -12,11 +12,14 @@ from prefixcap.systems import PrefixOptions
 
 
 class PrefixSystem(System):
-    def __init__(self, options: PrefixOptions, *, encoder: Encoder, connector: Connector | None, decoder: Decoder,
-                 losses: list[Loss]):  # fmt: skip
+    def __init__(self, options: PrefixOptions, *, encoder: Encoder | None, connector: Connector | None,
+                 decoder: Decoder | None, losses: list[Loss]):  # fmt: skip
         super().__init__()
-        if connector is None:
-            raise CompositionError("the prefix system needs a connector section (e.g. `connector: mlp`)")
+        for slot, part, example in (("encoder", encoder, "siglip"), ("decoder", decoder, "smollm"),
+                                    ("connector", connector, "mlp")):  # fmt: skip
+            if part is None:
+                article = "an" if slot == "encoder" else "a"
+                raise CompositionError(f"the prefix system needs {article} {slot} section (e.g. `{slot}: {example}`)")
         self.encoder, self.connector, self.decoder = encoder, connector, decoder
         self.losses = nn.ModuleList(losses)
         self.num_prefix_tokens = connector.output_tokens(encoder.num_tokens)
@@ -34,6 +37,9 @@ class PrefixSystem(System):
         mask = torch.cat([ones, batch.attention_mask], dim=1)
         # Position K-1+t predicts caption token t: keep the last T+1 positions' logits and drop the final one.
         t = batch.input_ids.shape[1]
+        if any(loss.needs_hidden for loss in self.losses):
+            logits, hidden = self.decoder(inputs, mask, num_logits=t + 1, return_hidden=True)
+            return SystemOutput(logits[:, :-1], batch.labels, prefix, hidden=hidden[:, :-1])  # (B, T, V), (B, T, H)
         logits = self.decoder(inputs, mask, num_logits=t + 1)[:, :-1]  # (B, T, V)
         return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix)
 
