@@ -17,8 +17,16 @@ from prefixcap.registry import ComponentOptions, create, get_component, list_com
 
 __version__ = "0.1.0"
 
+
+def load(directory, device=None):
+    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory)."""
+    from prefixcap.persist import load_system
+
+    return load_system(directory, device)
+
+
 __all__ = [
     "ComponentOptions", "CompositionError", "PluginError", "PrefixcapError", "Recipe", "RecipeError",
     "UnknownComponentError", "compose", "create", "get_component", "hookimpl", "list_components", "list_recipes",
-    "load_recipe", "validate",
+    "load", "load_recipe", "validate",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -61,10 +62,47 @@ class SystemOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
-class Encoder(nn.Module, ABC):
-    """Images -> visual tokens (B, N, D). Frozen unless its options unfreeze some blocks."""
+class Component(nn.Module):
+    """What every part of a system shares: the LR of what it trains, and saving/loading what it trained.
+
+    "Save what was trained, not what was downloaded": by default a component writes only its trainable
+    parameters; a component built from random initialisation (``checkpoint: tiny``) has nothing to download
+    again, so it writes everything.
+    """
 
     lr: float | None = None  # learning rate of whatever it trains; None: the recipe's train.lr
+    random_init: bool = False  # set by components built without pretrained weights (checkpoint: tiny)
+    group_name = "component"
+
+    def param_groups(self) -> list[ParamGroup]:
+        return trainable_group(self, self.group_name, self.lr)
+
+    def trained_state(self) -> dict[str, Tensor]:
+        from prefixcap.persist import module_state
+
+        return module_state(self, everything=self.random_init)
+
+    def save_trained(self, directory: Path) -> list[str]:
+        """Write what this component trained under ``directory``; return the file names written."""
+        from prefixcap.persist import save_tensors
+
+        state = self.trained_state()
+        if not state:
+            return []
+        save_tensors(state, directory / "model.safetensors")
+        return ["model.safetensors"]
+
+    def load_trained(self, directory: Path) -> None:
+        from prefixcap.persist import load_into
+
+        if (directory / "model.safetensors").exists():
+            load_into(self, directory / "model.safetensors")
+
+
+class Encoder(Component, ABC):
+    """Images -> visual tokens (B, N, D). Frozen unless its options unfreeze some blocks."""
+
+    group_name = "encoder"
 
     @property
     @abstractmethod
@@ -85,14 +123,11 @@ class Encoder(nn.Module, ABC):
     def preprocess(self, images: Sequence[Any]) -> Tensor:
         return self.image_processor(images)
 
-    def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "encoder", self.lr)
 
-
-class Connector(nn.Module, ABC):
+class Connector(Component, ABC):
     """Visual tokens (B, N, D) -> decoder-width prefix (B, K, H); may change the number of tokens."""
 
-    lr: float | None = None
+    group_name = "connector"
 
     @property
     @abstractmethod
@@ -110,14 +145,11 @@ class Connector(nn.Module, ABC):
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, K, H)"""
 
-    def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "connector", self.lr)
 
-
-class Decoder(nn.Module, ABC):
+class Decoder(Component, ABC):
     """A causal LM that takes a prefix of embeddings in front of the text embeddings."""
 
-    lr: float | None = None
+    group_name = "decoder"
 
     @property
     @abstractmethod
@@ -138,6 +170,15 @@ class Decoder(nn.Module, ABC):
         """(B, T) -> (B, T, H)"""
 
     @abstractmethod
+    def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Captions -> (input_ids, attention_mask, labels), each (B, T): [BOS][prompt] caption EOS, right-padded;
+        labels are -100 on BOS, prompt and padding, so only the caption and its EOS are trained."""
+
+    @abstractmethod
+    def prompt_ids(self) -> Tensor:
+        """(P,) ids that follow the prefix before the caption ([BOS][prompt]); generation starts after them."""
+
+    @abstractmethod
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None,
                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
         """(B, L, H), (B, L) -> logits (B, L', V) for the last L' = num_logits (default all) positions;
@@ -147,14 +188,11 @@ class Decoder(nn.Module, ABC):
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
         """Continue from embeddings; returns new token ids (B, T_new)."""
 
-    def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, "decoder", self.lr)
 
-
-class Loss(nn.Module, ABC):
+class Loss(Component, ABC):
     """A training objective; the system sums ``weight * loss`` over its losses."""
 
-    lr: float | None = None  # for losses with trainable parts (e.g. a projection head)
+    group_name = "loss"
     needs_hidden: bool = False  # ask the system to fill SystemOutput.hidden
 
     def __init__(self, weight: float = 1.0):
@@ -164,9 +202,6 @@ class Loss(nn.Module, ABC):
     @abstractmethod
     def forward(self, outputs: SystemOutput, batch: Batch) -> Tensor:
         """-> scalar"""
-
-    def param_groups(self) -> list[ParamGroup]:
-        return trainable_group(self, f"loss.{type(self).__name__}", self.lr)
 
 
 class System(nn.Module, ABC):
@@ -197,6 +232,12 @@ class System(nn.Module, ABC):
             raise RuntimeError("this system has no losses to train on")
         return total, parts
 
+    def make_batch(self, images: Sequence[Any], captions: Sequence[str], max_tokens: int = 32) -> Batch:
+        """A training batch from images (anything the encoder's processor takes) and one caption each."""
+        input_ids, mask, labels = self.decoder.tokenize(captions, max_tokens)
+        return Batch(pixel_values=self.encoder.preprocess(images), input_ids=input_ids, attention_mask=mask,
+                     labels=labels, captions=list(captions))  # fmt: skip
+
     def caption(self, images: Sequence[Any], **generate: Any) -> list[str]:
         """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options."""
         from prefixcap.recipe import GenerateConfig
@@ -206,15 +247,23 @@ class System(nn.Module, ABC):
         with torch.inference_mode():
             return self.generate(self.encoder.preprocess(images).to(device), config)
 
+    def parts(self) -> list[tuple[str, Component]]:
+        """(slot, component) for every component, slots named as in the recipe: encoder, ..., losses.0."""
+        found = [(name, m) for name, m in self.named_children() if isinstance(m, Component)]
+        return found + [(f"losses.{i}", loss) for i, loss in enumerate(self.losses)]
+
     def param_groups(self) -> list[ParamGroup]:
-        groups: list[ParamGroup] = []
-        for child in self.children():
-            if hasattr(child, "param_groups"):
-                groups += child.param_groups()
-            elif isinstance(child, nn.ModuleList):
-                for m in child:
-                    groups += m.param_groups()
-        return groups
+        return [group for _, part in self.parts() for group in part.param_groups()]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write what was trained (safetensors, per component) and manifest.json; see prefixcap.persist."""
+        from prefixcap.persist import save_system
+
+        return save_system(self, Path(directory))
+
+    def load_trained(self, directory: str | Path) -> None:
+        for slot, part in self.parts():
+            part.load_trained(Path(directory) / slot)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable); works on the meta device, so `validate` counts without allocating."""

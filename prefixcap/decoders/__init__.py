@@ -24,6 +24,10 @@ class CausalLMOptions(ComponentOptions):
     finetune: Literal["lora", "full", "frozen"] = "lora"
     lora: LoraOptions = LoraOptions()
     lr: float | None = Field(None, gt=0, description="learning rate of LoRA (or all) weights; default train.lr")
+    # Text between the visual prefix and the caption; a pretrained LM often captions better when told what
+    # comes next. Never a training target.
+    prompt: str = ""
+    add_bos: bool = False
     trust_remote_code: bool = False
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Sequence
 
+import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -12,6 +16,7 @@ from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoders.tokenizer import byte_tokenizer
 from prefixcap.errors import CompositionError
 from prefixcap.interfaces import Decoder
+from prefixcap.persist import CheckpointError
 from prefixcap.recipe import GenerateConfig
 
 # Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
@@ -47,6 +52,7 @@ class CausalLMDecoder(Decoder):
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
             self._tokenizer = byte_tokenizer() if checkpoint == TINY else None
+            self.random_init = checkpoint == TINY
         if self._tokenizer is not None and self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token  # labels mask padding anyway
         self.config = config
@@ -97,6 +103,54 @@ class CausalLMDecoder(Decoder):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (B, T) -> (B, T, H)
+
+    def prompt_ids(self) -> Tensor:
+        tok = self._tokenizer
+        ids = [tok.bos_token_id] if self.options.add_bos and tok.bos_token_id is not None else []
+        if self.options.prompt:
+            ids += tok(self.options.prompt, add_special_tokens=False).input_ids
+        return torch.tensor(ids, dtype=torch.long)
+
+    def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        tok = self._tokenizer
+        prompt = self.prompt_ids().tolist()
+        rows, targets = [], []
+        for caption in captions:
+            # EOS is appended so the model learns to stop; truncation keeps it, so long captions still end.
+            ids = tok(caption.strip(), add_special_tokens=False).input_ids[: max(max_tokens - 1, 0)]
+            ids = ids + [tok.eos_token_id]
+            rows.append(prompt + ids)
+            targets.append([-100] * len(prompt) + ids)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, target) in enumerate(zip(rows, targets)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(row)] = torch.tensor(target)
+            mask[i, : len(row)] = 1
+        return input_ids, mask, labels
+
+    def save_trained(self, directory: Path) -> list[str]:
+        if self.options.finetune != "lora":
+            return super().save_trained(directory)
+        # LoRA is written in peft's own format, so the adapter loads with plain peft on top of the base model.
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        if self.random_init:  # a random base cannot be fetched again: keep all of it
+            super().save_trained(directory)
+        return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+    def load_trained(self, directory: Path) -> None:
+        if self.options.finetune != "lora" or (directory / "model.safetensors").exists():
+            return super().load_trained(directory)
+        adapter = directory / "adapter_model.safetensors"
+        if not adapter.exists():
+            raise CheckpointError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, load_file(str(adapter)))
+        if result.unexpected_keys:
+            raise CheckpointError(f"{adapter}: tensors {result.unexpected_keys[:5]} do not fit this decoder")
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None,
                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip

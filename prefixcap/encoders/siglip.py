@@ -28,6 +28,7 @@ class SiglipEncoder(Encoder):
                                "SigLIP weights")  # fmt: skip
         else:
             self.model = SiglipVisionModel(config)
+            self.random_init = checkpoint == TINY
         self.config = config
         self.model.requires_grad_(False)
         tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests the tower; 5 does not

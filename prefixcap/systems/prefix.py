@@ -45,9 +45,11 @@ class PrefixSystem(System):
 
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
-        prefix = self.prefix(pixel_values)
-        dtype = self.decoder.embed(prefix.new_zeros(1, 1, dtype=torch.long)).dtype
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        ids = self.decoder.generate(prefix.to(dtype), mask, config)
+        prefix = self.prefix(pixel_values)  # (B, K, H)
+        prompt = self.decoder.prompt_ids().to(prefix.device)
+        prompt = self.decoder.embed(prompt[None].expand(prefix.shape[0], -1))  # (B, P, H)
+        inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        ids = self.decoder.generate(inputs, mask, config)
         texts = self.decoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts]

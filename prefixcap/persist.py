@@ -1,0 +1,174 @@
+"""Saving and loading systems: what was trained as safetensors, plus a manifest.json a human can read.
+
+    run/final/
+      manifest.json            format, versions, the fully resolved recipe, base checkpoints and their revisions
+      connector/model.safetensors
+      decoder/adapter_config.json + adapter_model.safetensors     (LoRA: loads with plain peft)
+      encoder/...              only if it trained something or was randomly initialised
+
+``load(directory)`` rebuilds the system through compose() from the manifest's recipe (base weights come from their
+checkpoints, as when it was first built) and loads the trained tensors on top. Only safetensors and JSON are read:
+no pickle, so a checkpoint from a stranger cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from prefixcap.errors import PrefixcapError
+
+FORMAT = "prefixcap-system/1"
+
+
+class CheckpointError(PrefixcapError):
+    """A saved system is missing, incomplete or does not match what its manifest describes."""
+
+
+def module_state(module: nn.Module, everything: bool = False) -> dict[str, Tensor]:
+    """Trainable parameters of ``module`` (or its whole state), with tied tensors stored once."""
+    named = module.state_dict(keep_vars=True)
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in named.items():
+        if not everything and not (isinstance(tensor, nn.Parameter) and tensor.requires_grad):
+            continue
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key in seen:  # e.g. lm_head tied to embed_tokens: safetensors refuses shared storage
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_tensors(state: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def load_into(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``module``: every saved tensor must land on a parameter of the same shape."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"{path}: tensors {unknown[:5]} do not exist in this {type(module).__name__}")
+    wrong = [k for k, v in state.items() if own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: shape mismatch for {wrong[0]}: saved {tuple(state[wrong[0]].shape)}, "
+            f"model has {tuple(own[wrong[0]].shape)}"
+        )
+    module.load_state_dict(state, strict=False)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("prefixcap", "torch", "transformers", "peft", "timm", "open_clip_torch", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def resolved_recipe(recipe: Any) -> dict[str, Any]:
+    """The recipe with every component option spelled out (defaults included), so a later prefixcap whose
+    defaults changed still rebuilds the same system."""
+    from prefixcap.recipe import SLOTS
+
+    data = recipe.model_dump(mode="json", exclude=set(SLOTS) | {"losses"})
+    for slot in SLOTS:
+        spec = getattr(recipe, slot)
+        if spec is not None:
+            data[slot] = {"name": spec.name, **spec.options.model_dump(mode="json")}
+    data["losses"] = [{"name": s.name, **s.options.model_dump(mode="json")} for s in recipe.losses]
+    return data
+
+
+def _components(system: Any) -> dict[str, Any]:
+    from prefixcap.registry import get_component
+
+    out = {}
+    for loc, kind, spec in system.recipe.components():
+        provider = get_component(kind, spec.name).provider
+        slot = ".".join(map(str, loc))
+        part = dict(system.parts()).get(slot)
+        revision = getattr(getattr(part, "config", None), "_commit_hash", None)  # set by from_pretrained from the hub
+        out[slot] = {"kind": kind, "name": spec.name, "distribution": provider.dist, "version": provider.version,
+                     "checkpoint": getattr(spec.options, "checkpoint", None), "revision": revision}  # fmt: skip
+    return out
+
+
+def save_system(system: Any, directory: Path) -> Path:
+    """Write into a temporary sibling directory, then swap it in: a crash never leaves a half-written checkpoint
+    where a complete one was."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files: dict[str, list[str]] = {}
+    for slot, part in system.parts():
+        written = part.save_trained(tmp / slot)
+        if written:
+            files[slot] = written
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "system": system.recipe.system.name,
+        "versions": _versions(),
+        "components": _components(system),
+        "files": files,
+        "recipe": resolved_recipe(system.recipe),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: not a saved prefixcap system (no manifest.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                              f" (this prefixcap reads {FORMAT})")  # fmt: skip
+    return manifest
+
+
+def load_system(directory: str | Path, device: str | torch.device | None = None) -> Any:
+    """Rebuild a saved system: compose from the manifest's recipe, then load the trained tensors."""
+    from prefixcap.compose import compose
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for slot, names in manifest.get("files", {}).items():
+        for name in names:
+            if not (directory / slot / name).is_file():
+                raise CheckpointError(f"{directory}: {slot}/{name} listed in the manifest is missing")
+    system = compose(manifest["recipe"])
+    system.load_trained(directory)
+    if device is not None:
+        system.to(device)
+    return system.eval()

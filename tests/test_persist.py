@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import prefixcap
+from prefixcap import compose
+from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.persist import CheckpointError
+
+TINY = {
+    "encoder": {"name": "siglip", "checkpoint": "tiny"},
+    "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
+    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4, "dropout": 0.0}},
+}
+IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
+CAPTIONS = ["a red square", "a dark blue square", "a white square"]
+
+
+def train_steps(system, steps: int = 3) -> None:
+    system.train()
+    opt = torch.optim.AdamW([p for g in system.param_groups() for p in g.params], lr=1e-2)
+    batch = system.make_batch(IMAGES, CAPTIONS)
+    for _ in range(steps):
+        loss, _ = system.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    system.eval()
+
+
+def test_save_writes_only_what_was_trained_plus_a_readable_manifest(tmp_path):
+    torch.manual_seed(0)
+    system = compose(TINY)
+    train_steps(system)
+    out = system.save(tmp_path / "final")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "prefixcap-system/1" and manifest["system"] == "prefix"
+    assert manifest["components"]["decoder"] == {
+        "kind": "decoder", "name": "smollm", "distribution": "prefixcap", "version": prefixcap.__version__,
+        "checkpoint": "tiny", "revision": None,
+    }  # fmt: skip
+    assert manifest["recipe"]["connector"]["hidden"] == 32 and manifest["recipe"]["connector"]["activation"] == "gelu"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(manifest["files"]["decoder"])
+    connector = load_file(out / "connector" / "model.safetensors")
+    assert set(connector) == {n for n, _ in system.connector.named_parameters()}
+    assert not list(tmp_path.glob(".final.*"))  # no temporary directories left behind
+
+
+def test_load_gives_identical_greedy_captions(tmp_path):
+    torch.manual_seed(0)
+    system = compose(TINY)
+    train_steps(system)
+    before = system.caption(IMAGES, max_new_tokens=12)
+    system.save(tmp_path / "final")
+    torch.manual_seed(123)  # a different random init underneath: everything must come from the files
+    loaded = prefixcap.load(tmp_path / "final")
+    assert loaded.caption(IMAGES, max_new_tokens=12) == before
+    for (name, a), (_, b) in zip(system.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_adapter_loads_with_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=259, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    system = compose(TINY, decoder={"name": "causal-lm", "checkpoint": str(tmp_path / "base"), "lora": {"r": 4}})
+    train_steps(system)
+    system.save(tmp_path / "final")
+    assert not (tmp_path / "final" / "decoder" / "model.safetensors").exists()  # base came from a checkpoint
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                      tmp_path / "final" / "decoder")  # fmt: skip
+    ours = dict(system.decoder.model.named_parameters())
+    theirs = dict(plain.named_parameters())
+    lora = [n for n in ours if "lora_" in n]
+    assert lora and all(torch.equal(ours[n], theirs[n]) for n in lora)
+    assert prefixcap.load(tmp_path / "final").caption(IMAGES[:1], max_new_tokens=6) == system.caption(
+        IMAGES[:1], max_new_tokens=6
+    )
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        prefixcap.load(tmp_path)
+    torch.manual_seed(0)
+    compose(TINY).save(tmp_path / "final")
+    (tmp_path / "final" / "connector" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="unreadable safetensors file"):
+        prefixcap.load(tmp_path / "final")
+    (tmp_path / "final" / "connector" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="connector/model.safetensors listed in the manifest is missing"):
+        prefixcap.load(tmp_path / "final")
+    (tmp_path / "final" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        prefixcap.load(tmp_path / "final")
+
+
+def test_tokenize_appends_eos_masks_prompt_and_padding():
+    system = compose(TINY, decoder={**TINY["decoder"], "prompt": "Alt:", "add_bos": True})
+    tok = system.decoder.tokenizer
+    ids, mask, labels = system.decoder.tokenize(["ab", "abcdef"], max_tokens=4)
+    prompt = [tok.bos_token_id] + tok("Alt:", add_special_tokens=False).input_ids
+    p = len(prompt)
+    assert ids[0, :p].tolist() == prompt and ids[1, :p].tolist() == prompt
+    assert labels[0].tolist() == [-100] * p + tok("ab").input_ids + [tok.eos_token_id] + [-100] * 1
+    assert labels[1].tolist() == [-100] * p + tok("abc").input_ids + [tok.eos_token_id]  # truncated, EOS kept
+    assert mask.sum(1).tolist() == [p + 3, p + 4]
