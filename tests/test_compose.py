@@ -105,13 +105,24 @@ def test_validate_real_size_recipe_offline_on_meta_device():
     parts = {c.slot: c for c in report.components}
     # LoRA r=16 on q,k,v,o of 30 layers, hidden 576, 3 of 9 heads for k/v (width 192): r * (in + out) each.
     lora = 30 * 16 * ((576 + 576) + (576 + 192) + (576 + 192) + (576 + 576))
-    mlp = (768 * 2048 + 2048) + (2048 * 576 + 576)
+    linear = 768 * 576 + 576
     assert parts["decoder"].trainable == lora
-    assert parts["connector"].trainable == parts["connector"].total == mlp
+    assert parts["connector"].trainable == parts["connector"].total == linear
     assert parts["encoder"].trainable == 0
-    assert report.trainable == lora + mlp
+    assert report.trainable == lora + linear
     assert report.prefix_tokens == (224 // 16) ** 2
     assert report.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(
+    "decoder, targets, lora_per_layer, layers",
+    [("qwen2", ["q_proj", "k_proj", "v_proj", "o_proj"], (896 + 896) * 2 + (896 + 128) * 2, 24),
+     ("phi", ["q_proj", "k_proj", "v_proj", "dense"], (2048 + 2048) * 4, 24)],
+)  # fmt: skip
+def test_named_decoders_default_checkpoints_and_lora_targets(decoder, targets, lora_per_layer, layers):
+    report = validate({"encoder": "siglip", "connector": "linear", "decoder": {"name": decoder, "lora": {"r": 8}}})
+    assert report.lora_targets == targets
+    assert {c.slot: c.trainable for c in report.components}["decoder"] == 8 * lora_per_layer * layers
 
 
 def test_hub_id_without_network_is_a_clear_error(tmp_path):

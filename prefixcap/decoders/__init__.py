@@ -35,9 +35,22 @@ class SmolLMOptions(CausalLMOptions):
     checkpoint: str = "HuggingFaceTB/SmolLM-135M"
 
 
+class Qwen2Options(CausalLMOptions):
+    checkpoint: str = "Qwen/Qwen2-0.5B"
+
+
+class PhiOptions(CausalLMOptions):
+    checkpoint: str = "microsoft/phi-1_5"
+
+
 @hookimpl
 def register_decoders(register):
     register("causal-lm", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=CausalLMOptions,
              description="Any transformers AutoModelForCausalLM (checkpoint required), LoRA via peft")
+    # The named variants differ only in their default checkpoint: rows of data, not subclasses of the model.
     register("smollm", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=SmolLMOptions,
              description="SmolLM-135M (Llama architecture), LoRA on q/k/v/o by default")
+    register("qwen2", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=Qwen2Options,
+             description="Qwen2-0.5B, LoRA on q/k/v/o by default")
+    register("phi", factory="prefixcap.decoders.causal_lm:CausalLMDecoder", options=PhiOptions,
+             description="Phi-1.5 (1.3B), LoRA on q/k/v/dense by default")

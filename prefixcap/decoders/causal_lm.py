@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoders.tokenizer import byte_tokenizer
 from prefixcap.errors import CompositionError
@@ -29,10 +30,19 @@ DEFAULT_LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj"],
 }
 
-# Same class as SmolLM (Llama), scaled down; the vocabulary is the byte tokenizer's (259 ids).
-TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                   tie_word_embeddings=True, vocab_size=259, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+# `checkpoint: tiny` shrinks the architecture of the decoder's default checkpoint (Llama for smollm and for the
+# generic causal-lm, Qwen2 for qwen2, Phi for phi) to these sizes, so tests run the same classes users get.
+# The vocabulary is the byte tokenizer's (259 ids: pad 0, bos 1, eos 2).
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=259, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)  # fmt: skip
+TINY_FALLBACK = "HuggingFaceTB/SmolLM-135M"  # Llama, for decoders without a default checkpoint
+
+
+def tiny_config(options: CausalLMOptions) -> dict:
+    default = type(options).model_fields["checkpoint"].default
+    base = default if isinstance(default, str) and snapshot_path(default).exists() else TINY_FALLBACK
+    return {**json.loads(snapshot_path(base).read_text()), **TINY_SIZES}
 
 
 class CausalLMDecoder(Decoder):
@@ -43,7 +53,7 @@ class CausalLMDecoder(Decoder):
         checkpoint = options.checkpoint
         if options.trust_remote_code:
             warnings.warn(f"trust_remote_code is on: code shipped with {checkpoint!r} will run", stacklevel=2)
-        config = load_config(checkpoint, AutoConfig, TINY_CONFIG)
+        config = load_config(checkpoint, AutoConfig, tiny_config(options))
         if pretrained and checkpoint != TINY:
             model = fetch(lambda: AutoModelForCausalLM.from_pretrained(
                 checkpoint, config=config, trust_remote_code=options.trust_remote_code), checkpoint, "weights")  # fmt: skip
@@ -64,6 +74,15 @@ class CausalLMDecoder(Decoder):
         if options.finetune == "lora":
             model = self._add_lora(model)
         self.model = model
+
+    @classmethod
+    def write_tiny_checkpoint(cls, directory: Path, options: CausalLMOptions) -> dict:
+        """Save a tiny random model of this decoder's architecture (and the byte tokenizer) the way the hub
+        holds real ones, and return the recipe options that load it through from_pretrained."""
+        tiny = cls(options.model_copy(update={"checkpoint": TINY, "finetune": "frozen"}), pretrained=True)
+        tiny.model.save_pretrained(directory)
+        tiny.tokenizer.save_pretrained(directory)
+        return {"checkpoint": str(directory)}
 
     def _add_lora(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
