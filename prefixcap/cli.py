@@ -20,7 +20,9 @@ err = Console(stderr=True)
 
 
 def _errors_to_exit_2(fn):
-    """Domain errors are the user's to fix: one clear message, exit code 2, no traceback (PREFIXCAP_DEBUG=1 shows it)."""
+    """Domain errors are the user's to fix: one clear message, exit code 2, no traceback.
+
+    PREFIXCAP_DEBUG=1 shows the traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):

@@ -151,9 +151,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: not a saved prefixcap system (no manifest.json)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable manifest: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                              f" (this prefixcap reads {FORMAT})")  # fmt: skip
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {found!r} (this prefixcap reads {FORMAT})")
     return manifest
 
 

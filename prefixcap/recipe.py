@@ -78,6 +78,7 @@ class GenerateConfig(_Section):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
 
 

@@ -156,3 +156,31 @@ def test_local_checkpoints_load_through_from_pretrained(tmp_path):
     assert torch.equal(ours, theirs)
     assert torch.equal(system.decoder.model.lm_head.weight, llama.lm_head.weight)
     assert system.decoder.tokenizer.decode(system.decoder.tokenizer("héllo").input_ids) == "héllo"
+
+
+def test_left_and_right_padding_give_the_same_caption_logits():
+    torch.manual_seed(0)
+    system = compose(TINY).eval()
+    batch = make_batch(system, ["a red circle", "two blue squares on the left"])
+    prefix = system.prefix(batch.pixel_values)
+    text = system.decoder.embed(batch.input_ids)
+    k, t = prefix.shape[1], batch.input_ids.shape[1]
+    ones = torch.ones(2, k, dtype=torch.long)
+    right = system.decoder(torch.cat([prefix, text], 1), torch.cat([ones, batch.attention_mask], 1))
+    # the same short caption, padded on the left of the prefix instead of after the caption
+    n = int(batch.attention_mask[0].sum())
+    pad = t - n
+    left_inputs = torch.cat([text[:1, n:], prefix[:1], text[:1, :n]], 1)
+    left_mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones(1, k + n, dtype=torch.long)], 1)
+    left = system.decoder(left_inputs, left_mask)
+    assert torch.allclose(left[0, pad:], right[0, : k + n], atol=1e-5)
+
+
+def test_sampling_is_opt_in():
+    torch.manual_seed(0)
+    system = compose(TINY).eval()
+    images = [Image.new("RGB", (32, 32), "blue")] * 4
+    greedy = system.caption(images, max_new_tokens=8)
+    assert len(set(greedy)) == 1  # same image, greedy: same caption
+    sampled = system.caption(images, max_new_tokens=8, do_sample=True, top_k=50, temperature=2.0)
+    assert len(set(sampled)) > 1  # a random byte-level model at temperature 2 does not repeat itself

@@ -55,10 +55,11 @@ class CausalLMDecoder(Decoder):
             warnings.warn(f"trust_remote_code is on: code shipped with {checkpoint!r} will run", stacklevel=2)
         config = load_config(checkpoint, AutoConfig, tiny_config(options))
         if pretrained and checkpoint != TINY:
-            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(
-                checkpoint, config=config, trust_remote_code=options.trust_remote_code), checkpoint, "weights")  # fmt: skip
-            self._tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(
-                checkpoint, trust_remote_code=options.trust_remote_code), checkpoint, "tokenizer")  # fmt: skip
+            remote = options.trust_remote_code
+            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
+                                                                       trust_remote_code=remote), checkpoint, "weights")
+            self._tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=remote),
+                                    checkpoint, "tokenizer")  # fmt: skip
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
             self._tokenizer = byte_tokenizer() if checkpoint == TINY else None
@@ -178,7 +179,8 @@ class CausalLMDecoder(Decoder):
         # Positions count real tokens only, so left padding (or none) gives the same positions as right padding.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, logits_to_keep=num_logits or 0, output_hidden_states=return_hidden)  # fmt: skip
+                         use_cache=False, logits_to_keep=num_logits or 0,
+                         output_hidden_states=return_hidden)  # fmt: skip
         if not return_hidden:
             return out.logits  # (B, L', V)
         hidden = out.hidden_states[-1]
@@ -186,7 +188,9 @@ class CausalLMDecoder(Decoder):
 
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
         tok = self._tokenizer
-        sampling = dict(temperature=config.temperature, top_p=config.top_p) if config.do_sample else {}
+        sampling = {}
+        if config.do_sample:  # greedy unless asked: alt text should not change from one run to the next
+            sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         return self.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
             num_beams=config.num_beams, do_sample=config.do_sample, repetition_penalty=config.repetition_penalty,
