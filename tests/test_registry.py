@@ -24,7 +24,7 @@ def test_builtins_register_through_entry_points_as_prefixcap():
     for r in rows:
         assert r.provider.dist == "prefixcap"
         assert r.provider.version == prefixcap.__version__
-        assert r.provider.plugin in {"encoders", "connectors", "decoders", "losses", "systems"}
+        assert r.provider.plugin in {"encoders", "connectors", "decoders", "losses", "systems", "datasets"}
         assert r.description and "\n" not in r.description
     assert registry().broken == []
 
