@@ -6,6 +6,7 @@ numbers can be written to an export manifest and replayed outside Python.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -63,6 +64,9 @@ class ImageProcessor:
     std: tuple[float, float, float]
     # "squash": resize straight to size x size (SigLIP); "crop": shortest edge to size, then centre crop (CLIP, ViT)
     resize: Literal["squash", "crop"] = "squash"
+    # timm's eval transform resizes to size / crop_pct, then keeps the central size x size: ViTs were trained to
+    # see objects that large (0.9 cuts a 5% border off each side; 1.0 cuts no border).
+    crop_pct: float = 1.0
 
     def __call__(self, images: Sequence[Any]) -> torch.Tensor:
         if isinstance(images, (Image.Image, np.ndarray, str, Path)) or (
@@ -74,14 +78,15 @@ class ImageProcessor:
     def one(self, image: Any) -> torch.Tensor:
         x = to_rgb_tensor(image)[None]  # (1, 3, H, W)
         h, w = x.shape[-2:]
+        scaled = math.floor(self.size / self.crop_pct)  # the edge before the centre crop (timm rounds down)
         if self.resize == "squash":
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+            nh = nw = scaled
         else:
-            scale = self.size / min(h, w)
-            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-            top, left = (nh - self.size) // 2, (nw - self.size) // 2
-            x = x[..., top : top + self.size, left : left + self.size]
+            scale = scaled / min(h, w)
+            nh, nw = max(scaled, round(h * scale)), max(scaled, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        x = x[..., top : top + self.size, left : left + self.size]  # (1, 3, size, size)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x.clamp(0, 1) - mean) / std)[0]

@@ -13,8 +13,9 @@ from prefixcap.registry import KINDS, get_component, list_components, registry, 
 from conftest import PLUGIN_DIST
 
 BUILTINS = {
-    ("encoder", "siglip"), ("connector", "linear"), ("connector", "mlp"), ("decoder", "causal-lm"),
-    ("decoder", "smollm"), ("loss", "caption-ce"), ("system", "prefix"),
+    ("encoder", "siglip"), ("encoder", "clip"), ("encoder", "vit"), ("connector", "linear"), ("connector", "mlp"),
+    ("decoder", "causal-lm"), ("decoder", "smollm"), ("decoder", "qwen2"), ("decoder", "phi"),
+    ("loss", "caption-ce"), ("system", "prefix"),
 }  # fmt: skip
 
 
@@ -30,7 +31,7 @@ def test_builtins_register_through_entry_points_as_prefixcap():
 
 
 def test_listing_filters_by_kind_and_pattern():
-    assert {r.name for r in list_components("decoder")} == {"causal-lm", "smollm"}
+    assert {r.name for r in list_components("decoder")} == {"causal-lm", "phi", "qwen2", "smollm"}
     assert [r.name for r in list_components("connector", pattern="^ml")] == ["mlp"]
     with pytest.raises(PluginError, match="unknown component kind 'decoders'"):
         list_components("decoders")
@@ -50,7 +51,7 @@ def test_unknown_name_suggests_the_closest():
         get_component("encoder", "siglp")
     assert e.value.suggestions == ["siglip"]
     assert "did you mean 'siglip'?" in str(e.value)
-    with pytest.raises(UnknownComponentError, match="registered decoders: causal-lm, smollm"):
+    with pytest.raises(UnknownComponentError, match="registered decoders: causal-lm, phi, qwen2, smollm"):
         get_component("decoder", "zzz")
 
 

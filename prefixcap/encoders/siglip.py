@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from torch import Tensor
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from prefixcap.checkpoints import TINY, fetch, load_config
 from prefixcap.encoders import SiglipOptions
@@ -61,3 +64,12 @@ class SiglipEncoder(Encoder):
         # A frozen encoder stays in eval mode (no dropout) even while the system trains.
         super().train(mode and self.options.unfreeze_last > 0)
         return self
+
+    @classmethod
+    def write_tiny_checkpoint(cls, directory: Path, options: SiglipOptions | None = None) -> dict[str, Any]:
+        """Save a tiny random SiglipModel the way google's checkpoints hold one (the whole model: vision with its
+        pooling head, and text) with save_pretrained; the returned options load it through from_pretrained."""
+        vision = {**TINY_CONFIG, "vision_use_head": True}
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+        SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(directory)
+        return {"checkpoint": str(directory)}
