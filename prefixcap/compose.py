@@ -101,8 +101,10 @@ def compose(
                         in_tokens=enc.num_tokens)  # fmt: skip
         if con is not None and enc is not None and dec is not None:
             _check_dims(enc, con, dec)
+        hidden = dec.hidden_size if dec is not None else None
         loss_list = loss_objects if loss_objects is not None else [
-            build(("losses", i), "loss", spec) for i, spec in enumerate(recipe_.losses)
+            build(("losses", i), "loss", spec, hidden_size=hidden, pretrained=pretrained)
+            for i, spec in enumerate(recipe_.losses)
         ]  # fmt: skip
         if "system" in objects:
             raise CompositionError("system must be given by name or spec; it is what compose() builds")

@@ -21,7 +21,8 @@ the wiring compose() supplies for its kind:
     encoder    factory(options, *, pretrained: bool) -> prefixcap.interfaces.Encoder
     connector  factory(options, *, in_dim: int, out_dim: int, in_tokens: int) -> Connector
     decoder    factory(options, *, pretrained: bool) -> Decoder
-    loss       factory(options) -> Loss
+    loss       factory(options, *, hidden_size: int | None, pretrained: bool) -> Loss   (hidden_size: the
+               decoder's width, for losses with a head on its states; None when the system has no decoder part)
     system     factory(options, *, encoder, connector, decoder, losses) -> System
     dataset    factory(options) -> DatasetSource
 

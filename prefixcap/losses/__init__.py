@@ -14,7 +14,20 @@ class CaptionLossOptions(LossOptions):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class ClipAlignOptions(LossOptions):
+    # An auxiliary loss: a small weight keeps it from pulling against the caption cross-entropy.
+    weight: float = Field(0.1, ge=0)
+    model: str = Field("ViT-B-32", description="open_clip architecture of the text tower")
+    # As the clip encoder's checkpoint: an open_clip pretrained tag of ``model``, "hf-hub:org/name", a local
+    # directory in that layout, a local weights file for ``model``, or "tiny".
+    checkpoint: str = "openai"
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (CLIP's initial value)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the projection head (default: train.lr)")
+
+
 @hookimpl
 def register_losses(register):
     register("caption-ce", factory="prefixcap.losses.caption:CaptionLoss", options=CaptionLossOptions,
              description="Next-token cross-entropy on caption tokens only (prefix and padding are never targets)")
+    register("clip-align", factory="prefixcap.losses.clip_align:ClipAlignLoss", options=ClipAlignOptions,
+             description="InfoNCE between the pooled decoder state and the frozen CLIP text embedding of the caption")

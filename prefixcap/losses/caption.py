@@ -10,7 +10,7 @@ from prefixcap.losses import CaptionLossOptions
 
 
 class CaptionLoss(Loss):
-    def __init__(self, options: CaptionLossOptions):
+    def __init__(self, options: CaptionLossOptions, *, hidden_size: int | None = None, pretrained: bool = True):
         super().__init__(options.weight)
         self.label_smoothing = options.label_smoothing
 
