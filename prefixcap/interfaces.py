@@ -220,9 +220,14 @@ class System(nn.Module, ABC):
     @abstractmethod
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]: ...
 
+    accepts_features = False  # True when forward can start from cached encoder features (Batch.features)
+
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Weighted sum of the system's losses, and each term for logging."""
-        outputs = self(batch)
+        return self.compute_loss(self(batch), batch)
+
+    def compute_loss(self, outputs: SystemOutput, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The losses of outputs already computed (a trainer calls the, possibly wrapped, forward itself)."""
         total, parts = None, {}
         for loss in self.losses:
             value = loss(outputs, batch)
@@ -232,9 +237,13 @@ class System(nn.Module, ABC):
             raise RuntimeError("this system has no losses to train on")
         return total, parts
 
+    def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, labels) for captions; see Decoder.tokenize."""
+        return self.decoder.tokenize(captions, max_tokens)
+
     def make_batch(self, images: Sequence[Any], captions: Sequence[str], max_tokens: int = 32) -> Batch:
         """A training batch from images (anything the encoder's processor takes) and one caption each."""
-        input_ids, mask, labels = self.decoder.tokenize(captions, max_tokens)
+        input_ids, mask, labels = self.tokenize(captions, max_tokens)
         return Batch(pixel_values=self.encoder.preprocess(images), input_ids=input_ids, attention_mask=mask,
                      labels=labels, captions=list(captions))  # fmt: skip
 
@@ -279,7 +288,12 @@ class Example:
 
 
 class DatasetSource(ABC):
-    """Where (image, captions) examples come from; the training issue builds loaders on top."""
+    """Where (image, captions) examples come from, by split ("train", "val", "test")."""
 
     @abstractmethod
     def examples(self, split: str) -> Iterator[Example]: ...
+
+    def task_metrics(self, split: str, indices: Sequence[int], captions: Sequence[str]) -> dict[str, float]:
+        """Metrics only this data can compute (e.g. the shapes oracle's exact-scene accuracy): ``captions[k]`` was
+        generated for example ``indices[k]`` of the split (in ``examples(split)`` order)."""
+        return {}

@@ -12,6 +12,7 @@ from prefixcap.systems import PrefixOptions
 
 
 class PrefixSystem(System):
+    accepts_features = True
     def __init__(self, options: PrefixOptions, *, encoder: Encoder | None, connector: Connector | None,
                  decoder: Decoder | None, losses: list[Loss]):  # fmt: skip
         super().__init__()
