@@ -140,6 +140,36 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
     out.print("ok: " + "; ".join(details), highlight=False)
 
 
+@cli.command()
+@click.argument("recipe")
+@set_option
+@click.option("--out", "run_dir", type=click.Path(file_okay=False), help="Run directory (default: output.dir).")
+@click.option("--fresh", is_flag=True, help="Start over even if the run directory holds checkpoints.")
+@_errors_to_exit_2
+def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: bool):
+    """Train RECIPE and evaluate it; an interrupted run resumes from its last checkpoint when run again."""
+    from prefixcap.train import run as run_recipe
+
+    def report(row: dict) -> None:
+        if "val" in row:
+            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "bleu4")}
+            out.print(f"step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                      highlight=False)  # fmt: skip
+        elif "loss" in row:
+            out.print(f"step {row['step']:>6}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                      f"{row.get('samples_per_s', 0):.0f} samples/s", highlight=False)  # fmt: skip
+        else:
+            out.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)
+
+    result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
+    table = Table(title=f"{result.run_dir}: {result.steps} steps", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
 def main() -> None:
     cli()
 

@@ -62,12 +62,17 @@ class TrainConfig(_Section):
     max_caption_tokens: int = Field(32, ge=1, le=4096)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
+    # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
+    cache_features: bool = True
 
 
 class EvalConfig(_Section):
     batch_size: int = Field(32, ge=1)
-    every_steps: int | None = Field(None, ge=1)
+    every_steps: int | None = Field(None, ge=1)  # None: only at the end
     max_examples: int | None = Field(None, ge=1)
+    metric: str = "loss"  # the validation metric that picks the best step and drives early stopping
+    higher_is_better: bool = False
+    patience: int | None = Field(None, ge=0)  # evaluations without improvement before stopping; None: never
 
 
 class GenerateConfig(_Section):
@@ -84,7 +89,9 @@ class GenerateConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "runs/{recipe}"
-    save_every_steps: int | None = Field(None, ge=1)
+    save_every_steps: int | None = Field(None, ge=1)  # None: at the end only
+    keep_last: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, ge=1)
 
 
 SLOTS: dict[str, str] = {"system": "system", "encoder": "encoder", "connector": "connector", "decoder": "decoder",

@@ -1,0 +1,438 @@
+"""`prefixcap run`: train a recipe's system on its data, evaluate it, leave a run directory.
+
+    runs/<recipe>/
+      recipe.resolved.yaml   every option spelled out
+      log.jsonl              one line per logged step and per evaluation
+      checkpoints/step-N/    system/ (as System.save), optimizer.safetensors, trainer_state.json; last K kept
+      final/                 the trained system (prefixcap.load), metrics.json, samples.jsonl
+
+Determinism is by construction, so a resumed run ends where an uninterrupted one would: the data order and the
+reference drawn for each image are functions of (seed, epoch, index); the model's own randomness (dropout) comes
+from the torch RNG, whose state each checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from prefixcap.compose import compose
+from prefixcap.errors import PrefixcapError
+from prefixcap.images import ImageError, to_rgb_tensor
+from prefixcap.interfaces import Batch, DatasetSource, System
+from prefixcap.persist import resolved_recipe
+from prefixcap.recipe import Recipe, load_recipe
+from prefixcap.registry import create
+
+
+class RunError(PrefixcapError):
+    """A run cannot start or continue (unwritable directory, no data, diverged loss, ...)."""
+
+
+@dataclass
+class Split:
+    """One split, decoded once: normalised pixels (or cached encoder features) and every reference caption."""
+
+    name: str
+    pixels: Tensor  # (N, 3, S, S)
+    references: list[list[str]]
+    indices: list[int]  # position of each kept example in the source's split
+    skipped: int = 0  # unreadable or corrupt images, counted and left out
+    features: Tensor | None = None  # (N, T, D) when the encoder is frozen
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def load_split(source: DatasetSource, split: str, system: System, limit: int | None = None) -> Split:
+    pixels, references, indices, skipped = [], [], [], 0
+    for i, example in enumerate(source.examples(split)):
+        if limit is not None and i >= limit:
+            break
+        refs = [c for c in example.captions if c.strip()]
+        try:
+            if not refs:
+                raise ImageError("no caption")
+            pixels.append(system.encoder.preprocess([to_rgb_tensor(example.image)])[0])
+        except ImageError:
+            skipped += 1  # a broken image (or an uncaptioned one) costs one example, never the run
+            continue
+        references.append(refs)
+        indices.append(i)
+    if not pixels:
+        return Split(split, torch.empty(0), [], [], skipped)
+    return Split(split, torch.stack(pixels), references, indices, skipped)
+
+
+def feature_cache_key(system: System, split: Split) -> str:
+    """Features depend on the encoder's weights and preprocessing and on the images: hash exactly those."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(system.encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(repr(system.encoder.image_processor).encode())
+    h.update(split.pixels.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PREFIXCAP_CACHE", Path.home() / ".cache" / "prefixcap")) / "features"
+
+
+@torch.no_grad()
+def encode_split(system: System, split: Split, batch_size: int) -> Tensor:
+    """Frozen-encoder features for a split, computed once and kept on disk for later runs and recipes."""
+    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))["features"]
+        except Exception:  # a truncated cache file is recomputed, not fatal
+            path.unlink(missing_ok=True)
+    system.encoder.eval()
+    device = next(system.encoder.parameters()).device
+    chunks = [system.encoder(split.pixels[i : i + batch_size].to(device)).cpu()
+              for i in range(0, len(split), batch_size)]  # fmt: skip
+    features = torch.cat(chunks)  # (N, T, D)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({"features": features.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return features
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def pick_reference(seed: int, epoch: int, index: int, references: list[str]) -> str:
+    """One reference per image per epoch, drawn afresh each epoch (more references, less overfitting)."""
+    return references[random.Random(f"{seed}:{epoch}:{index}").randrange(len(references))]
+
+
+def make_batch(system: System, split: Split, indices: Sequence[int], captions: Sequence[str], max_tokens: int) -> Batch:
+    input_ids, mask, labels = system.tokenize(captions, max_tokens)
+    features = split.features[list(indices)] if split.features is not None else None
+    pixels = None if features is not None else split.pixels[list(indices)]
+    return Batch(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels, features=features,
+                 captions=list(captions), references=[split.references[i] for i in indices])  # fmt: skip
+
+
+# --- optimisation ----------------------------------------------------------------------------------------------
+
+
+def make_optimizer(system: System, recipe: Recipe) -> tuple[torch.optim.Optimizer, Any]:
+    t = recipe.train
+    groups = [{"params": g.params, "lr": g.lr or t.lr, "name": g.name,
+               "weight_decay": t.weight_decay if g.weight_decay is None else g.weight_decay}
+              for g in system.param_groups()]  # fmt: skip
+    if not groups:
+        raise RunError("nothing to train: every parameter of this system is frozen")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+    def warmup_cosine(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """AdamW state as safetensors-ready tensors plus JSON: no pickle, so a checkpoint cannot run code."""
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(system: System, source: DatasetSource, split: Split, recipe: Recipe) -> tuple[dict[str, float], list]:
+    from prefixcap.metrics.captioning import caption_metrics
+
+    system.eval()
+    device = next(system.parameters()).device
+    bs = recipe.eval.batch_size
+    captions: list[str] = []
+    losses = []
+    for i in range(0, len(split), bs):
+        idx = list(range(i, min(i + bs, len(split))))
+        captions += system.generate(split.pixels[idx].to(device), recipe.generate)
+        batch = make_batch(system, split, idx, [split.references[j][0] for j in idx], recipe.train.max_caption_tokens)
+        losses.append(float(system.loss(_to(batch, device))[0]) * len(idx))
+    metrics = {"loss": sum(losses) / max(1, len(split))}
+    metrics.update(caption_metrics(captions, split.references))
+    metrics.update(source.task_metrics(split.name, split.indices, captions))
+    samples = [{"index": i, "caption": c, "references": r}
+               for i, c, r in zip(split.indices, captions, split.references)]  # fmt: skip
+    return metrics, samples
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    for name, value in vars(batch).items():
+        if isinstance(value, Tensor):
+            setattr(batch, name, value.to(device))
+    return batch
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def _recipe_name(recipe: Recipe) -> str:
+    return Path(recipe.source).stem if recipe.source != "<dict>" else "run"
+
+
+def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:  # found now, not after an hour of training
+        raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Run:
+    """One training run; ``run()`` below is the way to start one."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path):
+        from accelerate import Accelerator
+
+        self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
+        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.grad_accum)
+        torch.manual_seed(t.seed)  # random-init parts (checkpoint: tiny) and new layers start the same every time
+        self.system = compose(recipe)
+        self.source: DatasetSource = create("dataset", recipe.data.name, recipe.data.options)
+        self.train_split = load_split(self.source, "train", self.system)
+        if not len(self.train_split):
+            raise RunError(f"data {recipe.data.name!r}: no usable training examples")
+        self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples)
+        self.frozen_encoder = not any(p.requires_grad for p in self.system.encoder.parameters())
+        if self.frozen_encoder and self.system.accepts_features and recipe.train.cache_features:
+            self.train_split.features = encode_split(self.system, self.train_split, recipe.eval.batch_size)
+        self.optimizer, self.scheduler = make_optimizer(self.system, recipe)
+        self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # checkpoints
+    def save_checkpoint(self) -> Path:
+        from prefixcap.persist import save_system
+
+        final = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_system(self.system, tmp / "system")
+        tensors, meta = optimizer_tensors(self.optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": meta,
+                 "history": self.history}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # written last: marks it complete
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        keep = self.recipe.output.keep_last
+        done = sorted((p for p in final.parent.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        self.system.load_trained(checkpoint / "system")
+        load_optimizer(self.optimizer, load_file(str(checkpoint / "optimizer.safetensors")), state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(load_file(str(checkpoint / "rng.safetensors"))["torch"])
+        self.step, self.history = state["step"], state["history"]
+        _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
+
+    # training
+    def micro_batch(self, k: int) -> Batch:
+        """Micro-batch number k of the endless stream of shuffled epochs (a pure function of seed and k)."""
+        t, n = self.recipe.train, len(self.train_split)
+        indices, captions = [], []
+        for pos in range(k * t.batch_size, (k + 1) * t.batch_size):
+            epoch, offset = divmod(pos, n)
+            i = self._order(epoch)[offset]
+            indices.append(i)
+            captions.append(pick_reference(t.seed, epoch, i, self.train_split.references[i]))
+        batch = make_batch(self.system, self.train_split, indices, captions, t.max_caption_tokens)
+        return _to(batch, self.accelerator.device)
+
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_order_cache", (None,))[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self.recipe.train.seed, epoch, len(self.train_split)))
+        return self._order_cache[1]
+
+    def train_step(self) -> float:
+        t = self.recipe.train
+        self.model.train()
+        total = 0.0
+        for j in range(t.grad_accum):
+            batch = self.micro_batch(self.step * t.grad_accum + j)
+            with self.accelerator.accumulate(self.model):
+                outputs = self.model(batch)
+                loss, _ = self.system.compute_loss(outputs, batch)
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(self.run_dir)
+                    raise RunError(f"loss is {float(loss)} at step {self.step + 1}; stopping. Last good checkpoint: "
+                                   f"{last or 'none'}. Try a lower train.lr or train.precision: fp32")  # fmt: skip
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and t.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach()) / t.grad_accum
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    def evaluate(self, split: Split) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return evaluate(self.system, self.source, split, self.recipe)
+
+    def fit(self, stop_after: int | None = None, report=print) -> None:
+        """Train to train.steps (or stop early after ``stop_after`` steps, as an interruption would)."""
+        t, out, ev = self.recipe.train, self.recipe.output, self.recipe.eval
+        log = (self.run_dir / "log.jsonl").open("a")
+        every_eval = ev.every_steps or t.steps
+        best, stale = None, 0
+        started, seen = time.perf_counter(), 0
+        while self.step < t.steps:
+            loss = self.train_step()
+            seen += t.batch_size * t.grad_accum
+            row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6),
+                                   "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+            if self.step % out.log_every_steps == 0 or self.step == t.steps:
+                row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
+                report(row)
+            if self.step % every_eval == 0 or self.step == t.steps:
+                metrics, _ = self.evaluate(self.val_split)
+                row["val"] = {k: round(v, 6) for k, v in metrics.items()}
+                report({"step": self.step, "val": row["val"]})
+                value = metrics.get(ev.metric)
+                if value is not None:
+                    better = best is None or (value > best if ev.higher_is_better else value < best)
+                    best, stale = (value, 0) if better else (best, stale + 1)
+            self.history.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if (out.save_every_steps and self.step % out.save_every_steps == 0) or self.step == t.steps:
+                self.save_checkpoint()
+            if ev.patience is not None and stale > ev.patience:
+                report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {stale} evaluations"})
+                self.save_checkpoint()
+                break
+            if stop_after is not None and self.step >= stop_after:
+                break
+        log.close()
+
+    def finish(self) -> dict[str, float]:
+        """Evaluate on the held-out split and write final/, metrics.json, samples.jsonl and the curves."""
+        test = load_split(self.source, "test", self.system, self.recipe.eval.max_examples)
+        split = test if len(test) else self.val_split
+        metrics, samples = self.evaluate(split)
+        metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
+        metrics.update({"steps": self.step, "train_examples": len(self.train_split),
+                        "skipped_images": self.train_split.skipped + self.val_split.skipped + test.skipped})  # fmt: skip
+        self.system.save(self.run_dir / "final")
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_jsonl(self.run_dir / "samples.jsonl", samples)
+        plot_curves(self.history, self.run_dir / "curves.png")
+        return metrics
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", lw=1)
+    evals = [r for r in history if "val" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val"]["loss"] for r in evals], "o-", label="val loss")
+        accuracy = [r for r in evals if "oracle_accuracy" in r["val"]]
+        if accuracy:
+            twin = ax.twinx()
+            twin.plot([r["step"] for r in accuracy], [r["val"]["oracle_accuracy"] for r in accuracy], "s-",
+                      color="tab:green", label="val exact-scene accuracy")  # fmt: skip
+            twin.set_ylim(0, 1)
+            twin.set_ylabel("accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
+        stop_after: int | None = None, report=print) -> RunResult:  # fmt: skip
+    """Train and evaluate a recipe. An existing run directory with checkpoints is resumed unless ``fresh``."""
+    recipe = load_recipe(recipe, overrides)
+    if recipe.data is None:
+        raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
+    run_dir = Path(run_dir or recipe.output.dir.format(recipe=_recipe_name(recipe)))
+    _prepare_run_dir(run_dir, fresh)
+    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_recipe(recipe), sort_keys=False))
+    trainer = Run(recipe, run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        report({"resume": str(checkpoint)})
+        trainer.resume(checkpoint)
+    else:
+        (run_dir / "log.jsonl").write_text("")
+    trainer.fit(stop_after, report)
+    if stop_after is not None and trainer.step < recipe.train.steps:
+        return RunResult(run_dir, {}, trainer.step, trainer.history)
+    metrics = trainer.finish()
+    return RunResult(run_dir, metrics, trainer.step, trainer.history)

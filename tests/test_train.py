@@ -1,0 +1,100 @@
+"""`prefixcap run` end to end on a small shapes world (a few seconds per run on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import prefixcap
+from prefixcap.data.shapes import ShapesSource
+from prefixcap.interfaces import DatasetSource, Example
+from prefixcap.train import RunError, load_split, run
+
+SMALL = [
+    "data.name=shapes", "data.train_size=64", "data.val_size=8", "data.test_size=8",
+    "train.steps=6", "train.batch_size=8", "eval.every_steps=3", "eval.batch_size=8", "output.log_every_steps=1",
+    "output.save_every_steps=2", "connector.hidden=32", "generate.max_new_tokens=12",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+
+
+def quiet(row):
+    pass
+
+
+def test_run_leaves_a_complete_run_directory(tmp_path):
+    result = run("quickstart", SMALL, run_dir=tmp_path / "run", report=quiet)
+    d = result.run_dir
+    for name in ("recipe.resolved.yaml", "log.jsonl", "metrics.json", "samples.jsonl", "curves.png", "final"):
+        assert (d / name).exists(), name
+    assert [p.name for p in sorted((d / "checkpoints").iterdir())] == ["step-0000004", "step-0000006"]  # keep 2
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["skipped_images"] == 0 and 0 <= metrics["test_oracle_accuracy"] <= 1
+    assert {"test_loss", "test_bleu4", "test_cider"} <= set(metrics)
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "val" in log[2] and "val" in log[5]
+    # final/ is a system prefixcap.load reads back, captioning the test images as the run did
+    samples = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+    source = ShapesSource(prefixcap.get_component("dataset", "shapes").parse_options({"test_size": 8}))
+    images = [e.image for e in source.examples("test")]
+    loaded = prefixcap.load(d / "final")
+    assert loaded.caption(images, max_new_tokens=12) == [s["caption"] for s in samples]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    full = run("quickstart", SMALL, run_dir=tmp_path / "full", report=quiet)
+    partial = run("quickstart", SMALL, run_dir=tmp_path / "resumed", stop_after=3, report=quiet)
+    assert partial.steps == 3 and not (tmp_path / "resumed" / "final").exists()
+    resumed = run("quickstart", SMALL, run_dir=tmp_path / "resumed", report=quiet)  # picks up step-0000002
+    assert resumed.metrics == full.metrics
+    def log(name):  # everything but the timings
+        rows = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+    assert log("resumed") == log("full")
+    a = prefixcap.load(tmp_path / "full" / "final").state_dict()
+    b = prefixcap.load(tmp_path / "resumed" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_features_give_the_same_loss_curve(tmp_path):
+    cached = run("quickstart", SMALL, run_dir=tmp_path / "cached", report=quiet)
+    assert list((tmp_path / "cache" / "features").glob("*.safetensors"))
+    in_loop = run("quickstart", [*SMALL, "train.cache_features=false"], run_dir=tmp_path / "loop", report=quiet)
+    a = [r["loss"] for r in cached.history]
+    b = [r["loss"] for r in in_loop.history]
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = Image.new("RGB", (16, 16), "red")
+
+    class Mixed(DatasetSource):
+        def examples(self, split):
+            yield Example(good, ["a red square"])
+            yield Example(broken, ["a broken file"])
+            yield Example(str(tmp_path / "missing.jpg"), ["a missing file"])
+            yield Example(good, ["  "])  # no usable caption
+            yield Example(good, ["a red square again"])
+
+    system = prefixcap.compose("quickstart")
+    split = load_split(Mixed(), "train", system)
+    assert len(split) == 2 and split.skipped == 3 and split.indices == [0, 4]
+
+
+def test_run_needs_data_and_a_writable_directory(tmp_path):
+    with pytest.raises(RunError, match="no data section"):
+        run("quickstart", run_dir=tmp_path / "x", report=quiet)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunError, match="is not writable"):
+        run("quickstart", SMALL, run_dir=blocker / "run", report=quiet)
