@@ -28,7 +28,9 @@ def load_config(checkpoint: str, config_cls: Any, tiny: dict[str, Any]) -> Any:
         return config_cls(**tiny) if config_cls.__name__ != "AutoConfig" else _auto_from_dict(config_cls, tiny)
     if not Path(checkpoint).exists() and snapshot_path(checkpoint).exists():
         data = json.loads(snapshot_path(checkpoint).read_text())
-        return _auto_from_dict(config_cls, data) if config_cls.__name__ == "AutoConfig" else config_cls(**data)
+        if config_cls.__name__ == "AutoConfig":
+            return _auto_from_dict(config_cls, data)
+        return config_cls(**{k: v for k, v in data.items() if k != "model_type"})
     return fetch(lambda: config_cls.from_pretrained(checkpoint), checkpoint, "config")
 
 

@@ -138,15 +138,14 @@ def validate(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequenc
     """Dry run: resolve every component, build the architecture without weights, check it fits, count parameters."""
     system = compose(recipe, overrides=overrides, pretrained=False)
     r = system.recipe
+    specs = {".".join(map(str, loc)): (kind, spec) for loc, kind, spec in r.components()}
     parts = []
-    for loc, kind, spec in r.components():
-        module = _module_at(system, loc)
-        if module is None or kind == "system":
-            continue
+    for slot, module in system.parts():  # what was built: a system may own parts the recipe does not name
+        kind, spec = specs.get(slot, (slot.split(".")[0], r.system))
+        checkpoint = getattr(spec.options, "checkpoint", None) if slot in specs else getattr(module, "checkpoint", None)
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        checkpoint = getattr(spec.options, "checkpoint", None)
-        parts.append(ComponentReport(".".join(map(str, loc)), kind, spec.name, checkpoint, total, trainable))
+        parts.append(ComponentReport(slot, kind, spec.name, checkpoint, total, trainable))
     total, trainable = system.parameter_counts()
     decoder = getattr(system, "decoder", None)
     return ValidationReport(
@@ -154,9 +153,3 @@ def validate(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequenc
         prefix_tokens=getattr(system, "num_prefix_tokens", None),
         lora_targets=list(getattr(decoder, "lora_targets", [])),
     )  # fmt: skip
-
-
-def _module_at(system: Any, loc: Loc) -> Any:
-    if loc[0] == "losses":
-        return system.losses[loc[1]]
-    return getattr(system, str(loc[0]), None)

@@ -1,0 +1,224 @@
+"""The cross-attention baseline, Mozilla distilvit's design before prefix + LoRA: image -> ViT -> GPT-2 blocks that
+cross-attend to every ViT token.
+
+The two models are paired by a transformers VisionEncoderDecoderModel, as
+``VisionEncoderDecoderModel.from_encoder_decoder_pretrained`` pairs them: the decoder's config gets
+``add_cross_attention=True``, so each block gains a cross-attention layer whose weights are new (random) even when
+the rest of the LM is pretrained. The system owns both models: a recipe names their checkpoints under ``system:``
+and has no encoder/connector/decoder sections.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, VisionEncoderDecoderModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import constants
+
+from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.errors import CompositionError
+from prefixcap.images import ImageProcessor
+from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput
+from prefixcap.recipe import GenerateConfig
+from prefixcap.systems import CrossAttnOptions
+
+# `tiny`: the default checkpoints' classes, scaled down. ViT: 32x32 images, 8x8 patches -> 16 patches + the class
+# token, width 64. GPT-2: width 64, with the byte tokenizer's vocabulary (259 ids: pad 0, bos 1, eos 2).
+TINY_VIT = dict(model_type="vit", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                image_size=32, patch_size=8)  # fmt: skip
+TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=259, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+# What each family's transformers image processor does with its defaults, so no preprocessor_config.json is fetched
+# (the size comes from the model config): ViTImageProcessor and SiglipImageProcessor resize straight to size x size
+# and scale to [-1, 1]; CLIPImageProcessor resizes the short side, centre-crops and uses OpenAI's statistics. Other
+# families get ViT's. Resampling differs slightly: prefixcap resizes bicubic with antialiasing, ViT's is bilinear.
+PREPROCESSING = {
+    "vit": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD),
+    "siglip_vision_model": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD),
+    "clip_vision_model": ("crop", constants.OPENAI_CLIP_MEAN, constants.OPENAI_CLIP_STD),
+}
+
+
+class VisionEncoder(Encoder):
+    """A transformers vision model (ViTModel, SiglipVisionModel, ...): every output token, for cross-attention."""
+
+    def __init__(self, checkpoint: str, *, freeze: bool, lr: float | None, pretrained: bool):
+        super().__init__()
+        self.frozen, self.lr = freeze, lr
+        self.checkpoint = checkpoint
+        config = load_config(checkpoint, AutoConfig, TINY_VIT)
+        config = getattr(config, "vision_config", config)  # SigLIP/CLIP checkpoints also hold a text tower
+        if hasattr(config, "vision_use_head"):
+            config.vision_use_head = False  # SigLIP's pooling head: cross-attention reads the tokens, not the pool
+        if pretrained and checkpoint != TINY:
+            model = fetch(lambda: AutoModel.from_pretrained(checkpoint, config=config), checkpoint, "vision weights")
+        else:
+            model = AutoModel.from_config(config)
+            self.random_init = checkpoint == TINY
+        if isinstance(getattr(model, "pooler", None), nn.Module):
+            model.pooler = None  # ViT's pooled class token: never read, it would only be counted, saved and decayed
+        self.model = model.requires_grad_(not freeze)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @cached_property
+    def num_tokens(self) -> int:
+        # What the families add to the patches differs (ViT a class token, DeiT a distillation token too, SigLIP
+        # nothing), so ask the model itself with one blank image (free on the meta device `validate` uses).
+        size = self.image_processor.size
+        param = next(self.model.parameters())
+        with torch.no_grad():
+            return self(torch.zeros(1, 3, size, size, device=param.device)).shape[1]
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        resize, mean, std = PREPROCESSING.get(self.model.config.model_type, PREPROCESSING["vit"])
+        return ImageProcessor(self.model.config.image_size, tuple(mean), tuple(std), resize=resize)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, 3, S, S) -> (B, N, D)
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no dropout) even while the system trains.
+        super().train(mode and not self.frozen)
+        return self
+
+
+class CrossAttnDecoder(Component):
+    """A causal LM with cross-attention in every block (the GPT-2 family), and its tokenizer. All of it trains."""
+
+    group_name = "decoder"
+
+    def __init__(self, checkpoint: str, *, lr: float | None, pretrained: bool):
+        super().__init__()
+        self.lr = lr
+        self.checkpoint = checkpoint
+        config = load_config(checkpoint, AutoConfig, TINY_GPT2)
+        config.is_decoder, config.add_cross_attention = True, True  # as from_encoder_decoder_pretrained sets them
+        if pretrained and checkpoint != TINY:
+            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config), checkpoint,
+                          "weights")  # fmt: skip
+            self.tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint), checkpoint, "tokenizer")
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+            self.tokenizer = byte_tokenizer() if checkpoint == TINY else None  # None: `validate`, nothing to read
+            self.random_init = checkpoint == TINY
+        # Architectures without cross-attention (Llama, Qwen2, ...) ignore add_cross_attention: the image would
+        # never reach them. The facts that tell: their forward takes no encoder states.
+        if "encoder_hidden_states" not in inspect.signature(model.forward).parameters:
+            raise CompositionError(f"decoder {checkpoint!r} is a {config.model_type} model, which has no cross-"
+                                   "attention; use one of the GPT-2 family, e.g. distilbert/distilgpt2")  # fmt: skip
+        self.model = model
+        # Every caption starts at BOS ([BOS] + caption -> caption + [EOS]). GPT-2 has no pad token, so EOS pads:
+        # labels mask padding by the attention mask, never by id, so the real EOS stays a target.
+        ids = self.tokenizer if self.tokenizer is not None else config
+        self.eos_id = ids.eos_token_id
+        if self.eos_id is None:
+            raise CompositionError(f"decoder {checkpoint!r} has no EOS token to end captions with")
+        self.start_id = ids.bos_token_id if ids.bos_token_id is not None else self.eos_id
+        self.pad_id = ids.pad_token_id if ids.pad_token_id is not None else self.eos_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Captions -> (input_ids, attention_mask, labels), each (B, T): inputs [BOS] + caption, labels caption +
+        [EOS], so logits[:, t] predicts labels[:, t] with no shift; right-padded, labels -100 on padding.
+        System.make_batch calls this."""
+        # Truncation keeps the EOS label, so long captions still end.
+        rows = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids[: max(max_tokens - 1, 0)]
+                for c in captions]  # fmt: skip
+        width = max(len(r) for r in rows) + 1
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids) + 1] = torch.tensor([self.start_id] + ids)
+            labels[i, : len(ids) + 1] = torch.tensor(ids + [self.eos_id])
+            mask[i, : len(ids) + 1] = 1
+        return input_ids, mask, labels
+
+
+class CrossAttnSystem(System):
+    uses_components = False  # it builds its own encoder and decoder (see prefixcap/hookspecs.py)
+
+    def __init__(self, options: CrossAttnOptions, *, encoder: Encoder | None, connector: Any, decoder: Any,
+                 losses: list[Loss]):  # fmt: skip
+        super().__init__()
+        given = [slot for slot, part in (("encoder", encoder), ("connector", connector), ("decoder", decoder))
+                 if part is not None]  # fmt: skip
+        if given:
+            raise CompositionError(
+                f"the crossattn system builds its own models: remove the {' and '.join(given)} section(s) from the "
+                "recipe and name the checkpoints as system.encoder and system.decoder"
+            )
+        # compose() passes systems no `pretrained` flag: `prefixcap validate` builds them under torch.device("meta"),
+        # and that is how a system loading its own models knows to build architectures only.
+        pretrained = torch.get_default_device().type != "meta"
+        self.encoder = VisionEncoder(options.encoder, freeze=options.freeze_encoder, lr=options.lr,
+                                     pretrained=pretrained)  # fmt: skip
+        self.decoder = CrossAttnDecoder(options.decoder, lr=options.lr, pretrained=pretrained)
+        self.losses = nn.ModuleList(losses)
+        # forward starts from Batch.features (the encoder's output) when given; cached features would silently
+        # freeze an encoder that is meant to train, so offer them only for a frozen one.
+        self.accepts_features = options.freeze_encoder
+
+        model = VisionEncoderDecoderModel(encoder=self.encoder.model, decoder=self.decoder.model)
+        if hasattr(model, "enc_to_dec_proj"):
+            # Widths differ: the pair adds a new projection in front of cross-attention. It trains with the
+            # decoder, so the decoder part owns it (param group, saving).
+            self.decoder.enc_to_dec_proj = model.enc_to_dec_proj
+        # So that hf_model alone generates (and saves with save_pretrained) as a complete transformers captioner.
+        model.generation_config.update(decoder_start_token_id=self.decoder.start_id, eos_token_id=self.decoder.eos_id,
+                                       pad_token_id=self.decoder.pad_id)  # fmt: skip
+        # The parts own every weight; the pair only wires them (transformers' forward and generate), so it stays out
+        # of the module tree: each weight has one name, and system.train() reaches the encoder only through its
+        # part, which keeps a frozen encoder in eval mode.
+        object.__setattr__(self, "hf_model", model)
+
+    def forward(self, batch: Batch) -> SystemOutput:
+        memory = batch.features if batch.features is not None else self.encoder(batch.pixel_values)  # (B, N, D)
+        needs_hidden = any(loss.needs_hidden for loss in self.losses)
+        out = self.hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                            decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask,
+                            use_cache=False, output_hidden_states=needs_hidden)  # fmt: skip
+        # Inputs start with BOS, so position t already predicts labels[:, t]: no shift. (B, T, V)
+        hidden = out.decoder_hidden_states[-1] if needs_hidden else None  # (B, T, H)
+        return SystemOutput(logits=out.logits, labels=batch.labels, hidden=hidden)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
+        memory = self.encoder(pixel_values)  # (B, N, D)
+        sampling = {}
+        if config.do_sample:  # greedy unless asked: alt text should not change from one run to the next
+            sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+        dec = self.decoder
+        ids = self.hf_model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=memory), max_new_tokens=config.max_new_tokens,
+            num_beams=config.num_beams, do_sample=config.do_sample, repetition_penalty=config.repetition_penalty,
+            decoder_start_token_id=dec.start_id, eos_token_id=dec.eos_id, pad_token_id=dec.pad_id, **sampling,
+        )  # (B, 1 + T_new): the start token, then the caption
+        return [t.strip() for t in dec.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @classmethod
+    def write_tiny_checkpoint(cls, directory: Path, options: CrossAttnOptions | None = None) -> dict[str, Any]:
+        """Save a tiny random ViTModel and GPT-2 (plain, no cross-attention yet; with the byte tokenizer) the way the
+        hub holds the real ones; the returned options load them through from_pretrained."""
+        encoder = AutoModel.from_config(load_config(TINY, AutoConfig, TINY_VIT))
+        decoder = AutoModelForCausalLM.from_config(load_config(TINY, AutoConfig, TINY_GPT2))
+        encoder.save_pretrained(directory / "encoder")
+        decoder.save_pretrained(directory / "decoder")
+        byte_tokenizer().save_pretrained(directory / "decoder")
+        return {"encoder": str(directory / "encoder"), "decoder": str(directory / "decoder")}
