@@ -123,6 +123,21 @@ class Encoder(Component, ABC):
     def preprocess(self, images: Sequence[Any]) -> Tensor:
         return self.image_processor(images)
 
+    def freeze(self, blocks: Sequence[nn.Module], final_norm: nn.Module, unfreeze_last: int = 0) -> None:
+        """Freeze everything but the last ``unfreeze_last`` blocks (and then the final norm every token passes
+        through): the usual way to adapt a pretrained encoder a little to a far-off domain."""
+        if unfreeze_last > len(blocks):
+            raise ValueError(f"unfreeze_last={unfreeze_last} but the encoder has {len(blocks)} blocks")
+        self.requires_grad_(False)
+        for block in list(blocks)[len(blocks) - unfreeze_last :]:
+            block.requires_grad_(True)
+        if unfreeze_last:
+            final_norm.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no dropout, no drop-path) even while the system trains.
+        return super().train(mode and any(p.requires_grad for p in self.parameters()))
+
 
 class Connector(Component, ABC):
     """Visual tokens (B, N, D) -> decoder-width prefix (B, K, H); may change the number of tokens."""

@@ -107,14 +107,7 @@ class ClipEncoder(Encoder):
                              f"{type(visual).__name__} (for timm towers use the vit encoder)")  # fmt: skip
         visual.prune_intermediate_layers(indices=1, prune_head=True)  # the projection only serves the pooled vector
         self.model = visual
-        self.model.requires_grad_(False)
-        blocks = visual.transformer.resblocks
-        if options.unfreeze_last > len(blocks):
-            raise ValueError(f"unfreeze_last={options.unfreeze_last} but the encoder has {len(blocks)} blocks")
-        for block in blocks[len(blocks) - options.unfreeze_last :]:
-            block.requires_grad_(True)
-        if options.unfreeze_last:
-            visual.ln_post.requires_grad_(True)  # every token passes through it
+        self.freeze(visual.transformer.resblocks, visual.ln_post, options.unfreeze_last)
 
     @property
     def dim(self) -> int:
@@ -142,11 +135,6 @@ class ClipEncoder(Encoder):
         out = self.model.forward_intermediates(pixel_values.to(dtype), indices=1, normalize_intermediates=True,
                                                intermediates_only=True, output_fmt="NLC")  # fmt: skip
         return out["image_intermediates"][-1]  # (B, N, D): last block, through ln_post, class token dropped
-
-    def train(self, mode: bool = True):
-        # A frozen encoder stays in eval mode (no patch dropout) even while the system trains.
-        super().train(mode and self.options.unfreeze_last > 0)
-        return self
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: ClipOptions | None = None) -> dict[str, Any]:

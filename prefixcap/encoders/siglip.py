@@ -33,15 +33,8 @@ class SiglipEncoder(Encoder):
             self.model = SiglipVisionModel(config)
             self.random_init = checkpoint == TINY
         self.config = config
-        self.model.requires_grad_(False)
         tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests the tower; 5 does not
-        layers = tower.encoder.layers
-        if options.unfreeze_last > len(layers):
-            raise ValueError(f"unfreeze_last={options.unfreeze_last} but the encoder has {len(layers)} blocks")
-        for layer in layers[len(layers) - options.unfreeze_last :]:
-            layer.requires_grad_(True)
-        if options.unfreeze_last:
-            tower.post_layernorm.requires_grad_(True)
+        self.freeze(tower.encoder.layers, tower.post_layernorm, options.unfreeze_last)
 
     @property
     def dim(self) -> int:
@@ -59,11 +52,6 @@ class SiglipEncoder(Encoder):
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
         return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, N, D)
-
-    def train(self, mode: bool = True):
-        # A frozen encoder stays in eval mode (no dropout) even while the system trains.
-        super().train(mode and self.options.unfreeze_last > 0)
-        return self
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: SiglipOptions | None = None) -> dict[str, Any]:

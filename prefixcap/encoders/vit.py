@@ -66,14 +66,7 @@ class VitEncoder(Encoder):
         self.model = load_timm_vit(options.model, options.checkpoint, pretrained=pretrained)
         if not all(hasattr(self.model, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")):
             raise ValueError(f"{options.model!r} is a timm {type(self.model).__name__}, not a Vision Transformer")
-        self.model.requires_grad_(False)
-        blocks = self.model.blocks
-        if options.unfreeze_last > len(blocks):
-            raise ValueError(f"unfreeze_last={options.unfreeze_last} but the encoder has {len(blocks)} blocks")
-        for block in blocks[len(blocks) - options.unfreeze_last :]:
-            block.requires_grad_(True)
-        if options.unfreeze_last:
-            self.model.norm.requires_grad_(True)  # every token passes through it
+        self.freeze(self.model.blocks, self.model.norm, options.unfreeze_last)
 
     @property
     def dim(self) -> int:
@@ -98,11 +91,6 @@ class VitEncoder(Encoder):
         dtype = next(self.model.parameters()).dtype
         tokens = self.model.forward_features(pixel_values.to(dtype))  # (B, P + N, D), after the final norm
         return tokens[:, self.model.num_prefix_tokens :]  # (B, N, D): class and register tokens dropped
-
-    def train(self, mode: bool = True):
-        # A frozen encoder stays in eval mode (no dropout, no drop-path) even while the system trains.
-        super().train(mode and self.options.unfreeze_last > 0)
-        return self
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: VitOptions | None = None) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class VisionEncoder(Encoder):
 
     def __init__(self, checkpoint: str, *, freeze: bool, lr: float | None, pretrained: bool):
         super().__init__()
-        self.frozen, self.lr = freeze, lr
+        self.lr = lr
         self.checkpoint = checkpoint
         config = load_config(checkpoint, AutoConfig, TINY_VIT)
         config = getattr(config, "vision_config", config)  # SigLIP/CLIP checkpoints also hold a text tower
@@ -88,11 +88,6 @@ class VisionEncoder(Encoder):
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
         return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, 3, S, S) -> (B, N, D)
-
-    def train(self, mode: bool = True):
-        # A frozen encoder stays in eval mode (no dropout) even while the system trains.
-        super().train(mode and not self.frozen)
-        return self
 
 
 class CrossAttnDecoder(Component):
