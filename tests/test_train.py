@@ -98,3 +98,12 @@ def test_run_needs_data_and_a_writable_directory(tmp_path):
     blocker.write_text("")
     with pytest.raises(RunError, match="is not writable"):
         run("quickstart", SMALL, run_dir=blocker / "run", report=quiet)
+
+
+def test_the_crossattn_baseline_trains_through_the_same_run(tmp_path):
+    recipe = {"system": {"name": "crossattn", "encoder": "tiny", "decoder": "tiny"},
+              "data": {"name": "shapes", "train_size": 32, "val_size": 4, "test_size": 4},
+              "train": {"steps": 3, "batch_size": 8}, "generate": {"max_new_tokens": 6}}  # fmt: skip
+    result = run(recipe, run_dir=tmp_path / "run", report=quiet)
+    assert result.steps == 3 and "test_oracle_accuracy" in result.metrics
+    assert type(prefixcap.load(tmp_path / "run" / "final")).__name__ == "CrossAttnSystem"
