@@ -98,3 +98,17 @@ def test_listing_benchmark_script_writes_its_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["bound_s"] == 1.0 and report["pass"] == all(r["median_s"] < 1.0 for r in report["results"].values())
     assert report["results"]["prefixcap plugins"]["runs"] == 2
+
+
+def test_run_trains_and_prints_a_summary(tmp_path):
+    args = ["run", "quickstart", "--out", str(tmp_path / "run"), "--set", "data.name=shapes",
+            "--set", "data.train_size=32", "--set", "data.val_size=4", "--set", "data.test_size=4",
+            "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "generate.max_new_tokens=4"]  # fmt: skip
+    result = run_cli(*args, env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "step      2  loss" in result.stdout and "test_oracle_accuracy" in result.stdout
+    assert (tmp_path / "run" / "final" / "manifest.json").exists()
+    again = run_cli(*args, env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})  # finished run: resumes, re-evaluates
+    assert again.returncode == 0 and "resume:" in again.stdout
+    no_data = run_cli("run", "quickstart", "--out", str(tmp_path / "x"))
+    assert no_data.returncode == 2 and "no data section" in no_data.stderr
