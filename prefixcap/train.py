@@ -380,8 +380,8 @@ class Run:
         split = test if len(test) else self.val_split
         metrics, samples = self.evaluate(split)
         metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
-        metrics.update({"steps": self.step, "train_examples": len(self.train_split),
-                        "skipped_images": self.train_split.skipped + self.val_split.skipped + test.skipped})  # fmt: skip
+        skipped = self.train_split.skipped + self.val_split.skipped + test.skipped
+        metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped})
         self.system.save(self.run_dir / "final")
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _write_jsonl(self.run_dir / "samples.jsonl", samples)

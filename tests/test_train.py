@@ -93,7 +93,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 def test_run_needs_data_and_a_writable_directory(tmp_path):
     with pytest.raises(RunError, match="no data section"):
-        run("quickstart", run_dir=tmp_path / "x", report=quiet)
+        run("quickstart", ["data=null"], run_dir=tmp_path / "x", report=quiet)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(RunError, match="is not writable"):
