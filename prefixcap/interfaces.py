@@ -144,13 +144,19 @@ class Connector(Component, ABC):
 
     group_name = "connector"
 
-    @property
-    @abstractmethod
-    def in_dim(self) -> int: ...
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self._in_dim, self._out_dim = in_dim, out_dim
 
     @property
-    @abstractmethod
-    def out_dim(self) -> int: ...
+    def in_dim(self) -> int:
+        """D, the encoder width it was built for."""
+        return self._in_dim
+
+    @property
+    def out_dim(self) -> int:
+        """H, the decoder width it produces."""
+        return self._out_dim
 
     @abstractmethod
     def output_tokens(self, in_tokens: int) -> int:

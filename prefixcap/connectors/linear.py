@@ -43,22 +43,14 @@ class TokenReducer(nn.Module):
 
 class LinearConnector(Connector):
     def __init__(self, options: LinearOptions, *, in_dim: int, out_dim: int, in_tokens: int):
-        super().__init__()
+        super().__init__(in_dim, out_dim)
         self.lr = options.lr
         self.reduce = TokenReducer(options.pool, options.factor, in_tokens, in_dim)
-        self._in_dim, self._out_dim, self._in_tokens = in_dim, out_dim, in_tokens
+        self._in_tokens = in_tokens
         self.proj = self._projection(options, self.reduce.out_dim, out_dim)
 
     def _projection(self, options: LinearOptions, d: int, h: int) -> nn.Module:
         return nn.Linear(d, h)
-
-    @property
-    def in_dim(self) -> int:
-        return self._in_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self._out_dim
 
     def output_tokens(self, in_tokens: int) -> int:
         if in_tokens != self._in_tokens:

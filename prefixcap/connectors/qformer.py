@@ -38,9 +38,8 @@ class QFormerLayer(nn.Module):
 
 class QFormerLite(Connector):
     def __init__(self, options: QFormerOptions, *, in_dim: int, out_dim: int, in_tokens: int):
-        super().__init__()
+        super().__init__(in_dim, out_dim)
         self.lr = options.lr
-        self._in_dim, self._out_dim = in_dim, out_dim
         width = options.width
         # BLIP-2 initialises its queries with std 0.02: small enough that the first layers' attention starts
         # close to uniform over the encoder tokens, so early training sees an average of the whole image.
@@ -51,14 +50,6 @@ class QFormerLite(Connector):
         self.layers = nn.ModuleList(QFormerLayer(width, options.heads, options.dropout) for _ in range(options.layers))
         self.norm_out = nn.LayerNorm(width)  # pre-norm layers leave the residual stream unnormalised
         self.proj_out = nn.Linear(width, out_dim)
-
-    @property
-    def in_dim(self) -> int:
-        return self._in_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self._out_dim
 
     def output_tokens(self, in_tokens: int) -> int:
         return self.queries.shape[0]  # cross-attention takes any N
