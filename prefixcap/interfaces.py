@@ -291,6 +291,16 @@ class System(nn.Module, ABC):
 
         return save_system(self, Path(directory))
 
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> System:
+        """Rebuild a saved system (same as prefixcap.load); ``PrefixSystem.load`` also checks what it got."""
+        from prefixcap.persist import CheckpointError, load_system
+
+        system = load_system(Path(directory), device)
+        if not isinstance(system, cls):
+            raise CheckpointError(f"{directory} holds a {type(system).__name__}, not a {cls.__name__}")
+        return system
+
     def load_trained(self, directory: str | Path) -> None:
         for slot, part in self.parts():
             part.load_trained(Path(directory) / slot)

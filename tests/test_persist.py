@@ -61,6 +61,11 @@ def test_load_gives_identical_greedy_captions(tmp_path):
     torch.manual_seed(123)  # a different random init underneath: everything must come from the files
     loaded = prefixcap.load(tmp_path / "final")
     assert loaded.caption(IMAGES, max_new_tokens=12) == before
+    assert type(system).load(tmp_path / "final").caption(IMAGES, max_new_tokens=12) == before
+    from prefixcap.systems.crossattn import CrossAttnSystem
+
+    with pytest.raises(CheckpointError, match="holds a PrefixSystem, not a CrossAttnSystem"):
+        CrossAttnSystem.load(tmp_path / "final")
     for (name, a), (_, b) in zip(system.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
