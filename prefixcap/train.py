@@ -262,6 +262,7 @@ class Run:
         self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self._order_cache: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
 
     # checkpoints
     def save_checkpoint(self) -> Path:
@@ -308,7 +309,7 @@ class Run:
         return _to(batch, self.accelerator.device)
 
     def _order(self, epoch: int) -> list[int]:
-        if getattr(self, "_order_cache", (None,))[0] != epoch:
+        if self._order_cache[0] != epoch:
             self._order_cache = (epoch, epoch_order(self.recipe.train.seed, epoch, len(self.train_split)))
         return self._order_cache[1]
 
