@@ -109,7 +109,7 @@ def compose(
         if "system" in objects:
             raise CompositionError("system must be given by name or spec; it is what compose() builds")
         built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
-                      losses=loss_list)  # fmt: skip
+                      losses=loss_list, pretrained=pretrained)  # fmt: skip
     built.recipe = recipe_
     built.generate_config = recipe_.generate
     return built

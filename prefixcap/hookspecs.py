@@ -23,7 +23,7 @@ the wiring compose() supplies for its kind:
     decoder    factory(options, *, pretrained: bool) -> Decoder
     loss       factory(options, *, hidden_size: int | None, pretrained: bool) -> Loss   (hidden_size: the
                decoder's width, for losses with a head on its states; None when the system has no decoder part)
-    system     factory(options, *, encoder, connector, decoder, losses) -> System
+    system     factory(options, *, encoder, connector, decoder, losses, pretrained: bool) -> System
     dataset    factory(options) -> DatasetSource
 
 ``pretrained=False`` asks for the architecture only (config, no weights): `prefixcap validate` builds systems that

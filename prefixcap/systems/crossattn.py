@@ -150,7 +150,7 @@ class CrossAttnSystem(System):
     uses_components = False  # it builds its own encoder and decoder (see prefixcap/hookspecs.py)
 
     def __init__(self, options: CrossAttnOptions, *, encoder: Encoder | None, connector: Any, decoder: Any,
-                 losses: list[Loss]):  # fmt: skip
+                 losses: list[Loss], pretrained: bool = True):  # fmt: skip
         super().__init__()
         given = [slot for slot, part in (("encoder", encoder), ("connector", connector), ("decoder", decoder))
                  if part is not None]  # fmt: skip
@@ -159,9 +159,6 @@ class CrossAttnSystem(System):
                 f"the crossattn system builds its own models: remove the {' and '.join(given)} section(s) from the "
                 "recipe and name the checkpoints as system.encoder and system.decoder"
             )
-        # compose() passes systems no `pretrained` flag: `prefixcap validate` builds them under torch.device("meta"),
-        # and that is how a system loading its own models knows to build architectures only.
-        pretrained = torch.get_default_device().type != "meta"
         self.encoder = VisionEncoder(options.encoder, freeze=options.freeze_encoder, lr=options.lr,
                                      pretrained=pretrained)  # fmt: skip
         self.decoder = CrossAttnDecoder(options.decoder, lr=options.lr, pretrained=pretrained)

@@ -14,7 +14,7 @@ from prefixcap.systems import PrefixOptions
 class PrefixSystem(System):
     accepts_features = True
     def __init__(self, options: PrefixOptions, *, encoder: Encoder | None, connector: Connector | None,
-                 decoder: Decoder | None, losses: list[Loss]):  # fmt: skip
+                 decoder: Decoder | None, losses: list[Loss], pretrained: bool = True):  # fmt: skip
         super().__init__()
         for slot, part, example in (("encoder", encoder, "siglip"), ("decoder", decoder, "smollm"),
                                     ("connector", connector, "mlp")):  # fmt: skip
