@@ -263,6 +263,8 @@ class Run:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._order_cache: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
+        # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
+        self.best: dict[str, Any] = {"value": None, "step": None, "stale": 0}
 
     # checkpoints
     def save_checkpoint(self) -> Path:
@@ -276,14 +278,15 @@ class Run:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": meta,
-                 "history": self.history}  # fmt: skip
+                 "history": self.history, "best": self.best}  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # written last: marks it complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         keep = self.recipe.output.keep_last
         done = sorted((p for p in final.parent.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if int(old.name.split("-")[1]) != self.best["step"]:  # the best one is kept besides the last K
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def resume(self, checkpoint: Path) -> None:
@@ -292,7 +295,7 @@ class Run:
         load_optimizer(self.optimizer, load_file(str(checkpoint / "optimizer.safetensors")), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(str(checkpoint / "rng.safetensors"))["torch"])
-        self.step, self.history = state["step"], state["history"]
+        self.step, self.history, self.best = state["step"], state["history"], state["best"]
         _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
 
     # training
@@ -339,14 +342,28 @@ class Run:
     def evaluate(self, split: Split) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return evaluate(self.system, self.source, split, self.recipe)
 
+    def stopped_early(self) -> bool:
+        patience = self.recipe.eval.patience
+        return patience is not None and self.best["stale"] > patience
+
+    def track_best(self, value: float | None) -> bool:
+        """Record a validation value of eval.metric; True when it is the best so far."""
+        if value is None:
+            return False
+        best, higher = self.best["value"], self.recipe.eval.higher_is_better
+        if best is None or (value > best if higher else value < best):
+            self.best = {"value": value, "step": self.step, "stale": 0}
+            return True
+        self.best = {**self.best, "stale": self.best["stale"] + 1}
+        return False
+
     def fit(self, stop_after: int | None = None, report=print) -> None:
         """Train to train.steps (or stop early after ``stop_after`` steps, as an interruption would)."""
         t, out, ev = self.recipe.train, self.recipe.output, self.recipe.eval
         log = (self.run_dir / "log.jsonl").open("a")
         every_eval = ev.every_steps or t.steps
-        best, stale = None, 0
         started, seen = time.perf_counter(), 0
-        while self.step < t.steps:
+        while self.step < t.steps and not self.stopped_early():
             loss = self.train_step()
             seen += t.batch_size * t.grad_accum
             row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6),
@@ -354,22 +371,22 @@ class Run:
             if self.step % out.log_every_steps == 0 or self.step == t.steps:
                 row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
                 report(row)
+            improved = False
             if self.step % every_eval == 0 or self.step == t.steps:
                 metrics, _ = self.evaluate(self.val_split)
                 row["val"] = {k: round(v, 6) for k, v in metrics.items()}
                 report({"step": self.step, "val": row["val"]})
-                value = metrics.get(ev.metric)
-                if value is not None:
-                    better = best is None or (value > best if ev.higher_is_better else value < best)
-                    best, stale = (value, 0) if better else (best, stale + 1)
-            self.history.append(row)
+                improved = self.track_best(metrics.get(ev.metric))
+            self.history.append(row)  # before any checkpoint, which keeps the history it was saved with
             log.write(json.dumps(row) + "\n")
             log.flush()
-            if (out.save_every_steps and self.step % out.save_every_steps == 0) or self.step == t.steps:
+            stop = self.stopped_early()
+            periodic = bool(out.save_every_steps) and self.step % out.save_every_steps == 0
+            if improved or periodic or stop or self.step == t.steps:
                 self.save_checkpoint()
-            if ev.patience is not None and stale > ev.patience:
-                report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {stale} evaluations"})
-                self.save_checkpoint()
+            if stop:
+                report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {self.best['stale']} "
+                                                         "evaluations"})  # fmt: skip
                 break
             if stop_after is not None and self.step >= stop_after:
                 break
@@ -382,7 +399,8 @@ class Run:
         metrics, samples = self.evaluate(split)
         metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
         skipped = self.train_split.skipped + self.val_split.skipped + test.skipped
-        metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped})
+        metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
+                        "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
         self.system.save(self.run_dir / "final")
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _write_jsonl(self.run_dir / "samples.jsonl", samples)
@@ -433,7 +451,7 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
     else:
         (run_dir / "log.jsonl").write_text("")
     trainer.fit(stop_after, report)
-    if stop_after is not None and trainer.step < recipe.train.steps:
+    if stop_after is not None and trainer.step < recipe.train.steps and not trainer.stopped_early():
         return RunResult(run_dir, {}, trainer.step, trainer.history)
     metrics = trainer.finish()
     return RunResult(run_dir, metrics, trainer.step, trainer.history)

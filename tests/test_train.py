@@ -107,3 +107,15 @@ def test_the_crossattn_baseline_trains_through_the_same_run(tmp_path):
     result = run(recipe, run_dir=tmp_path / "run", report=quiet)
     assert result.steps == 3 and "test_oracle_accuracy" in result.metrics
     assert type(prefixcap.load(tmp_path / "run" / "final")).__name__ == "CrossAttnSystem"
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path):
+    # higher_is_better on the loss: the first evaluation is the best, the next one exhausts patience 0
+    args = [*SMALL, "train.steps=12", "eval.every_steps=2", "output.save_every_steps=1", "eval.patience=0",
+            "eval.higher_is_better=true"]  # fmt: skip
+    first = run("quickstart", args, run_dir=tmp_path / "run", report=quiet)
+    assert first.steps == 4 and first.metrics["best_step"] == 2
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000003", "step-0000004"]  # the last two, and the best
+    again = run("quickstart", args, run_dir=tmp_path / "run", report=quiet)  # resumed: stays stopped
+    assert again.steps == 4 and again.metrics == first.metrics
