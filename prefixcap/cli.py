@@ -148,20 +148,37 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
 @_errors_to_exit_2
 def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: bool):
     """Train RECIPE and evaluate it; an interrupted run resumes from its last checkpoint when run again."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from prefixcap.train import run as run_recipe
 
-    def report(row: dict) -> None:
-        if "val" in row:
-            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "bleu4")}
-            out.print(f"step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()),
-                      highlight=False)  # fmt: skip
-        elif "loss" in row:
-            out.print(f"step {row['step']:>6}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                      f"{row.get('samples_per_s', 0):.0f} samples/s", highlight=False)  # fmt: skip
-        else:
-            out.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)
+    # A live bar on a terminal; plain lines (one per logged step) when stdout is a file or a pipe.
+    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                        TimeRemainingColumn(), console=out, disable=not out.is_terminal)  # fmt: skip
+    task = None
 
-    result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
+    def report(row: dict) -> None:
+        nonlocal task
+        if "total_steps" in row:
+            task = progress.add_task("", total=row["total_steps"], completed=row["step"])
+            progress.start()
+        elif "val" in row:
+            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "bleu4")}
+            progress.console.print(f"step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in
+                                                                            shown.items()), highlight=False)  # fmt: skip
+        elif "loss" in row:
+            line = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row.get('samples_per_s', 0):.0f} samples/s"
+            if out.is_terminal and task is not None:
+                progress.update(task, completed=row["step"], description=line)
+            else:
+                out.print(f"step {row['step']:>6}  {line}", highlight=False)
+        else:
+            progress.console.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)
+
+    try:
+        result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
+    finally:
+        progress.stop()
     table = Table(title=f"{result.run_dir}: {result.steps} steps", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -450,6 +450,7 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
         trainer.resume(checkpoint)
     else:
         (run_dir / "log.jsonl").write_text("")
+    report({"total_steps": recipe.train.steps, "step": trainer.step})
     trainer.fit(stop_after, report)
     if stop_after is not None and trainer.step < recipe.train.steps and not trainer.stopped_early():
         return RunResult(run_dir, {}, trainer.step, trainer.history)
