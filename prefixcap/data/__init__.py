@@ -19,7 +19,18 @@ class ShapesOptions(ComponentOptions):
     noise: float = Field(0.0, ge=0, le=1, description="grain on the background (0: plain); shapes keep their colour")
 
 
+class JsonlOptions(ComponentOptions):
+    # One JSON Lines file per split: {"image": "relative/or/absolute/path.jpg", "captions": ["...", "..."]}
+    train: str = Field(description="JSON Lines file of the training split")
+    val: str | None = None
+    test: str | None = None
+    image_field: str = "image"
+    caption_field: str = Field("captions", description="a string, or a list of reference captions")
+
+
 @hookimpl
 def register_datasets(register):
     register("shapes", factory="prefixcap.data.shapes:ShapesSource", options=ShapesOptions,
              description="Offline world: 1-3 coloured shapes left to right, exact captions and a parser to score them")
+    register("jsonl", factory="prefixcap.data.sources:JsonlSource", options=JsonlOptions,
+             description="Your own data: JSON Lines files of image paths and one or more captions each")
