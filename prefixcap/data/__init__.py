@@ -28,9 +28,24 @@ class JsonlOptions(ComponentOptions):
     caption_field: str = Field("captions", description="a string, or a list of reference captions")
 
 
+class HFOptions(ComponentOptions):
+    # A hub id (e.g. a Flickr8k/Flickr30k-style set), a save_to_disk directory, or an image folder.
+    path: str
+    config: str | None = None
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str = Field("caption", description="a string, or a list of reference captions")
+    train: str = "train"  # the dataset's names for our splits
+    val: str | None = "validation"
+    test: str | None = "test"
+    streaming: bool = False
+
+
 @hookimpl
 def register_datasets(register):
     register("shapes", factory="prefixcap.data.shapes:ShapesSource", options=ShapesOptions,
              description="Offline world: 1-3 coloured shapes left to right, exact captions and a parser to score them")
     register("jsonl", factory="prefixcap.data.sources:JsonlSource", options=JsonlOptions,
              description="Your own data: JSON Lines files of image paths and one or more captions each")
+    register("hf", factory="prefixcap.data.sources:HFSource", options=HFOptions,
+             description="Any Hugging Face datasets set: hub id, save_to_disk directory or image folder")

@@ -1,12 +1,13 @@
-"""Dataset sources for a user's own data: JSON Lines files of image paths and captions."""
+"""Dataset sources for a user's own data: JSON Lines files of image paths and captions, or any `datasets` set."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from prefixcap.data import JsonlOptions
+from prefixcap.data import HFOptions, JsonlOptions
 from prefixcap.errors import PrefixcapError
 from prefixcap.interfaces import DatasetSource, Example
 
@@ -48,3 +49,48 @@ class JsonlSource(DatasetSource):
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise DatasetError(f"{path}:{number}: {caption_key!r} must be a string or a list of strings")
             yield Example(image=path.parent / image, captions=captions)
+
+
+class HFSource(DatasetSource):
+    """A Hugging Face ``datasets`` dataset: a hub id, a directory written by ``save_to_disk``, or an image folder
+    (images plus a metadata.jsonl/csv with the caption column). Images decode to PIL; a caption column may hold one
+    caption or a list of references. ``streaming`` reads hub data lazily instead of downloading it first."""
+
+    def __init__(self, options: HFOptions):
+        self.options = options
+        self._data: Any = None
+
+    def _load(self) -> Any:
+        import datasets
+
+        o, path = self.options, Path(self.options.path)
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+                return datasets.load_from_disk(str(path))
+            if path.is_dir():
+                return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=o.streaming)
+            return datasets.load_dataset(o.path, o.config, revision=o.revision, streaming=o.streaming)
+        except Exception as e:  # datasets raises many types for "not found" / "offline" / "bad files"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"cannot load dataset {o.path!r}: {first}") from None
+
+    def examples(self, split: str) -> Iterator[Example]:
+        name = getattr(self.options, split, None)
+        if name is None:
+            return
+        if self._data is None:
+            self._data = self._load()
+        data = self._data
+        if hasattr(data, "keys"):  # a DatasetDict: pick the split
+            if name not in data:
+                raise DatasetError(f"dataset {self.options.path!r} has no split {name!r} (it has: "
+                                   f"{', '.join(data.keys())}); set data.{split}")  # fmt: skip
+            data = data[name]
+        o = self.options
+        for number, row in enumerate(data):
+            if o.image_column not in row or o.caption_column not in row:
+                raise DatasetError(f"dataset {o.path!r} split {name!r}: rows need columns {o.image_column!r} and "
+                                   f"{o.caption_column!r}; found {', '.join(row)}")  # fmt: skip
+            captions = row[o.caption_column]
+            captions = [captions] if isinstance(captions, str) else list(captions or [])
+            yield Example(image=row[o.image_column], captions=[c for c in captions if isinstance(c, str)])

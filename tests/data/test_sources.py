@@ -55,3 +55,46 @@ def test_malformed_lines_are_clear_errors(tmp_path):
         list(source.examples("train"))
     with pytest.raises(DatasetError, match="cannot read the train split"):
         list(prefixcap.create("dataset", "jsonl", {"train": str(tmp_path / "nope.jsonl")}).examples("train"))
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, hf_cache):
+    import datasets
+
+    images = [Image.new("RGB", (20, 20), c) for c in ("red", "blue", "green")]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
+    rows = {"image": images, "caption": [["a red square", "red"], ["a blue square"], ["a green square", "green"]]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "validation": split.select([0])}).save_to_disk(str(tmp_path / "set"))
+
+    source = prefixcap.create("dataset", "hf", {"path": str(tmp_path / "set")})
+    train = list(source.examples("train"))
+    assert [e.captions for e in train] == rows["caption"] and train[1].image.getpixel((5, 5)) == (0, 0, 255)
+    assert [e.captions for e in source.examples("val")] == [["a red square", "red"]]
+    with pytest.raises(DatasetError, match="has no split 'test'"):
+        list(source.examples("test"))
+
+
+def test_hf_image_folder_with_metadata(tmp_path, hf_cache):
+    folder = tmp_path / "photos"
+    (folder / "train").mkdir(parents=True)
+    for i, colour in enumerate(["red", "yellow"]):
+        Image.new("RGB", (16, 16), colour).save(folder / "train" / f"{i}.png")
+    (folder / "train" / "metadata.jsonl").write_text(
+        '{"file_name": "0.png", "text": "a red tile"}\n{"file_name": "1.png", "text": "a yellow tile"}\n')
+    source = prefixcap.create("dataset", "hf", {"path": str(folder), "caption_column": "text", "val": None,
+                                                "test": None})  # fmt: skip
+    examples = list(source.examples("train"))
+    assert sorted(e.captions[0] for e in examples) == ["a red tile", "a yellow tile"]
+    assert all(e.image.size == (16, 16) for e in examples)
+
+
+def test_hf_unreachable_dataset_is_a_clear_error(hf_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = prefixcap.create("dataset", "hf", {"path": "nobody/no-such-captions"})
+    with pytest.raises(DatasetError, match="cannot load dataset 'nobody/no-such-captions'"):
+        list(source.examples("train"))
