@@ -119,3 +119,26 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path):
     assert kept == ["step-0000002", "step-0000003", "step-0000004"]  # the last two, and the best
     again = run("quickstart", args, run_dir=tmp_path / "run", report=quiet)  # resumed: stays stopped
     assert again.steps == 4 and again.metrics == first.metrics
+
+
+@pytest.mark.parametrize("recipe", ["siglip-smollm135", "crossattn-vit-distilgpt2"])
+def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, tmp_path):
+    """The real recipes, unchanged but for --set: tiny checkpoints written locally in each library's format and a
+    small shapes set stand in for the hub weights and the hub dataset a user with internet would train on."""
+    from prefixcap.decoders.causal_lm import CausalLMDecoder
+    from prefixcap.encoders.siglip import SiglipEncoder
+    from prefixcap.systems.crossattn import CrossAttnSystem
+
+    if recipe == "siglip-smollm135":
+        enc = SiglipEncoder.write_tiny_checkpoint(tmp_path / "siglip")["checkpoint"]
+        dec_options = prefixcap.get_component("decoder", "smollm").parse_options({})
+        dec = CausalLMDecoder.write_tiny_checkpoint(tmp_path / "smollm", dec_options)["checkpoint"]
+        swaps = [f"encoder.checkpoint={enc}", f"decoder.checkpoint={dec}"]
+    else:
+        tiny = CrossAttnSystem.write_tiny_checkpoint(tmp_path / "crossattn")
+        swaps = [f"system.encoder={tiny['encoder']}", f"system.decoder={tiny['decoder']}"]
+    data = ["data.name=shapes", "data.train_size=16", "data.val_size=4", "data.test_size=4"]
+    budget = ["train.steps=2", "train.batch_size=4", "generate.max_new_tokens=4"]
+    result = run(recipe, swaps + data + budget, run_dir=tmp_path / "run", report=quiet)
+    assert result.steps == 2 and {"test_loss", "test_oracle_accuracy"} <= set(result.metrics)
+    assert prefixcap.load(tmp_path / "run" / "final").recipe.train.precision == "bf16"  # the recipe's own setting
