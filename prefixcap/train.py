@@ -13,6 +13,7 @@ from the torch RNG, whose state each checkpoint keeps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -246,8 +247,14 @@ class Run:
         from accelerate import Accelerator
 
         self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
-        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
-        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.grad_accum)
+        # accelerate keeps one process-wide mixed-precision setting that cannot change once set, so a second run
+        # with another precision in the same process (a notebook, `prefixcap bench`) would fail. Autocast is
+        # applied here instead; accelerate still places the model, wraps it for DDP and handles accumulation.
+        self.accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+        device = self.accelerator.device.type
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device) if t.precision == "fp16" else None  # fp16 overflows without
         torch.manual_seed(t.seed)  # random-init parts (checkpoint: tiny) and new layers start the same every time
         self.system = compose(recipe)
         self.source: DatasetSource = create("dataset", recipe.data.name, recipe.data.options)
@@ -278,7 +285,8 @@ class Run:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": meta,
-                 "history": self.history, "best": self.best}  # fmt: skip
+                 "history": self.history, "best": self.best,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler else None}  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # written last: marks it complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -296,6 +304,8 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(str(checkpoint / "rng.safetensors"))["torch"])
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
 
     # training
@@ -323,17 +333,25 @@ class Run:
         for j in range(t.grad_accum):
             batch = self.micro_batch(self.step * t.grad_accum + j)
             with self.accelerator.accumulate(self.model):
-                outputs = self.model(batch)
-                loss, _ = self.system.compute_loss(outputs, batch)
+                with self.autocast():
+                    outputs = self.model(batch)
+                    loss, _ = self.system.compute_loss(outputs, batch)
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(self.run_dir)
                     raise RunError(f"loss is {float(loss)} at step {self.step + 1}; stopping. Last good checkpoint: "
                                    f"{last or 'none'}. Try a lower train.lr or train.precision: fp32")  # fmt: skip
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients and t.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
+                if self.accelerator.sync_gradients:  # the last micro-batch of this step
+                    if self.scaler:
+                        self.scaler.unscale_(self.optimizer)
+                    if t.max_grad_norm:
+                        self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    if self.scaler:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             total += float(loss.detach()) / t.grad_accum
         self.scheduler.step()
         self.step += 1

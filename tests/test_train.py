@@ -142,3 +142,11 @@ def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, 
     result = run(recipe, swaps + data + budget, run_dir=tmp_path / "run", report=quiet)
     assert result.steps == 2 and {"test_loss", "test_oracle_accuracy"} <= set(result.metrics)
     assert prefixcap.load(tmp_path / "run" / "final").recipe.train.precision == "bf16"  # the recipe's own setting
+
+
+def test_runs_with_different_precisions_share_one_process(tmp_path):
+    """accelerate's process-wide precision must not pin the first run's choice on every later run."""
+    for precision in ("bf16", "fp16", "fp32"):
+        args = [*SMALL, f"train.precision={precision}", "train.grad_accum=2", "train.steps=2"]
+        result = run("quickstart", args, run_dir=tmp_path / precision, report=quiet)
+        assert result.steps == 2 and all(r["loss"] == r["loss"] for r in result.history)  # finite, not NaN
