@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from prefixcap.errors import CompositionError
+from prefixcap.errors import CompositionError, summary
 
 TINY = "tiny"
 _SNAPSHOTS = Path(__file__).parent / "configs"
@@ -51,5 +51,5 @@ def fetch(load: Callable[[], T], checkpoint: str, what: str) -> T:
             else "it is neither a local directory nor reachable on the model hub (offline? use a local "
             "directory, or `checkpoint: tiny` for a small random model)"
         )
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = summary(e)
         raise CompositionError(f"cannot load {what} for {checkpoint!r}: {hint} ({first})") from e

@@ -25,3 +25,14 @@ class UnknownComponentError(PluginError):
 
 class CompositionError(PrefixcapError):
     """Components were found but do not fit together (dimensions, LoRA targets, missing parts)."""
+
+
+def first_line(text: str) -> str:
+    """The first line of ``text`` (stripped), or "": one-line messages from multi-line library errors and docs."""
+    text = text.strip()
+    return text.splitlines()[0] if text else ""
+
+
+def summary(error: BaseException) -> str:
+    """A library exception in one line, for wrapping it in a message the user can act on."""
+    return first_line(str(error)) or type(error).__name__

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from prefixcap.errors import PluginError, RecipeError
+from prefixcap.errors import PluginError, RecipeError, first_line
 from prefixcap.registry import ComponentOptions, get_component
 
 Loc = tuple[str | int, ...]
@@ -231,7 +231,7 @@ def list_recipes() -> list[tuple[str, Path, str]]:
                 description = str(data.get("description", "")) if isinstance(data, dict) else ""
             except (RecipeError, OSError) as e:
                 description = f"(unreadable: {e})"
-            found[path.stem] = (path.stem, path, description.strip().splitlines()[0] if description.strip() else "")
+            found[path.stem] = (path.stem, path, first_line(description))
     return list(found.values())
 
 

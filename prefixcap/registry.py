@@ -24,7 +24,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from prefixcap import hookspecs
-from prefixcap.errors import PluginError, UnknownComponentError
+from prefixcap.errors import PluginError, UnknownComponentError, first_line
 
 ENTRY_POINT_GROUP = "prefixcap"
 SELF_DIST = "prefixcap"
@@ -206,7 +206,7 @@ def _add(reg: Registry, kind, name, factory, options, description, provider: Pro
         raise PluginError(f"{kind} {name!r}: factory must be a 'module:attribute' string, got {factory!r}")
     if not (isinstance(options, type) and issubclass(options, ComponentOptions)):
         raise PluginError(f"{kind} {name!r}: options must subclass prefixcap.ComponentOptions, got {options!r}")
-    first_line = (description or "").strip().splitlines()[0] if (description or "").strip() else ""
+    summary_line = first_line(description or "")
     key = (kind, name)
     if key in reg.components or key in reg.clashes:
         first = reg.components.pop(key, None)
@@ -216,7 +216,7 @@ def _add(reg: Registry, kind, name, factory, options, description, provider: Pro
             BrokenPlugin(provider, f"{kind} {name!r} clashes with the one registered by {owners[0]}")
         )
         return
-    reg.components[key] = Registration(kind, name, factory, options, first_line, provider)
+    reg.components[key] = Registration(kind, name, factory, options, summary_line, provider)
 
 
 _REGISTRY: Registry | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.data import HFOptions, JsonlOptions
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import PrefixcapError, summary
 from prefixcap.interfaces import DatasetSource, Example
 
 
@@ -71,8 +71,7 @@ class HFSource(DatasetSource):
                 return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=o.streaming)
             return datasets.load_dataset(o.path, o.config, revision=o.revision, streaming=o.streaming)
         except Exception as e:  # datasets raises many types for "not found" / "offline" / "bad files"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatasetError(f"cannot load dataset {o.path!r}: {first}") from None
+            raise DatasetError(f"cannot load dataset {o.path!r}: {summary(e)}") from None
 
     def examples(self, split: str) -> Iterator[Example]:
         name = getattr(self.options, split, None)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from prefixcap.checkpoints import TINY
 from prefixcap.encoders import ClipOptions
-from prefixcap.errors import CompositionError
+from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
 
@@ -64,7 +64,7 @@ def load_open_clip(model: str, checkpoint: str, *, pretrained: bool) -> open_cli
                                       force_quick_gelu=tag.get("quick_gelu", False),
                                       force_preprocess_cfg=tag or None)  # fmt: skip
     except (RuntimeError, OSError) as e:  # open_clip reports failed downloads and bad files as RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = summary(e)
         what = repr(checkpoint) if is_repo else f"{model!r} from checkpoint {checkpoint!r}"
         raise CompositionError(
             f"cannot load open_clip {what} (offline? use a local directory or weights file, or `checkpoint: tiny`"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from prefixcap.checkpoints import TINY
 from prefixcap.encoders import VitOptions
-from prefixcap.errors import CompositionError
+from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
 
@@ -50,7 +50,7 @@ def load_timm_vit(model: str, checkpoint: str | None, *, pretrained: bool) -> nn
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (RuntimeError, OSError) as e:  # failed downloads, missing or mismatched weights
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = summary(e)
         what = repr(checkpoint) if name != model else f"{model!r} from checkpoint {checkpoint!r}"
         raise CompositionError(
             f"cannot load timm {what} (offline? use a local directory or weights file, or `checkpoint: tiny`"
