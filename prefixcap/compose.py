@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import CompositionError, PrefixcapError
-from prefixcap.recipe import SLOTS, ComponentSpec, Loc, Recipe, load_recipe
+from prefixcap.recipe import ComponentSpec, Loc, Recipe, load_recipe
 from prefixcap.registry import get_component
 
 ComponentArg = str | Mapping[str, Any] | ComponentSpec | Any  # a name, a spec, or an already built module
@@ -67,7 +67,7 @@ def compose(
     base = load_recipe(recipe if recipe is not None else {}, overrides)
     specs = {k: v for k, v in given.items() if v is not None and k not in objects}
     if specs or objects or (losses is not None and loss_objects is None):
-        data = _dump(base)
+        data = base.to_dict()
         data.update({k: v.model_dump() if isinstance(v, ComponentSpec) else v for k, v in specs.items()})
         for slot in objects:
             data.pop(slot, None)
@@ -122,16 +122,6 @@ def _check_dims(encoder: Any, connector: Any, decoder: Any) -> None:
         raise CompositionError(
             f"connector outputs H={connector.out_dim} but the decoder's hidden size is {decoder.hidden_size}"
         )
-
-
-def _dump(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.model_dump(exclude_unset=True, exclude=set(SLOTS) | {"losses"})
-    for slot in SLOTS:
-        spec = getattr(recipe, slot)
-        if spec is not None:
-            data[slot] = {"name": spec.name, **spec.raw_options}
-    data["losses"] = [{"name": s.name, **s.raw_options} for s in recipe.losses]
-    return data
 
 
 def validate(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()) -> ValidationReport:

@@ -84,20 +84,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def resolved_recipe(recipe: Any) -> dict[str, Any]:
-    """The recipe with every component option spelled out (defaults included), so a later prefixcap whose
-    defaults changed still rebuilds the same system."""
-    from prefixcap.recipe import SLOTS
-
-    data = recipe.model_dump(mode="json", exclude=set(SLOTS) | {"losses"})
-    for slot in SLOTS:
-        spec = getattr(recipe, slot)
-        if spec is not None:
-            data[slot] = {"name": spec.name, **spec.options.model_dump(mode="json")}
-    data["losses"] = [{"name": s.name, **s.options.model_dump(mode="json")} for s in recipe.losses]
-    return data
-
-
 def _components(system: Any) -> dict[str, Any]:
     from prefixcap.registry import get_component
 
@@ -132,7 +118,7 @@ def save_system(system: Any, directory: Path) -> Path:
         "versions": _versions(),
         "components": _components(system),
         "files": files,
-        "recipe": resolved_recipe(system.recipe),
+        "recipe": system.recipe.to_dict(resolved=True),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     old = directory.parent / f".{directory.name}.old-{os.getpid()}"

@@ -119,6 +119,19 @@ class Recipe(_Section):
     def source(self) -> str:
         return self._source
 
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """A plain dict load_recipe accepts: the options as written, or (``resolved``) every option spelled out
+        with its default, as JSON, so a later prefixcap whose defaults changed still rebuilds the same system."""
+        mode = "json" if resolved else "python"
+        data = self.model_dump(mode=mode, exclude_unset=not resolved, exclude=set(SLOTS) | {"losses"})
+
+        def part(spec: ComponentSpec) -> dict[str, Any]:
+            return {"name": spec.name, **(spec.options.model_dump(mode="json") if resolved else spec.raw_options)}
+
+        data.update({slot: part(spec) for slot in SLOTS if (spec := getattr(self, slot)) is not None})
+        data["losses"] = [part(s) for s in self.losses]
+        return data
+
     def location(self, loc: Loc) -> str:
         """``file:line`` (or ``--set key``) of the closest recipe entry at or above ``loc``, for error messages."""
         return _location(self._source, self._lines, self._overridden, loc)
@@ -254,7 +267,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     reported together in one RecipeError whose lines read ``file:line: path: message``.
     """
     if isinstance(source, Recipe):
-        source = source.model_dump(exclude_unset=True) | _component_dump(source)
+        source = source.to_dict()
     lines: dict[Loc, int] = {}
     if isinstance(source, Mapping):
         name, data = "<dict>", _plain(source)
@@ -334,17 +347,6 @@ def _location(source: str, lines: dict[Loc, int], overridden: set[Loc], loc: Loc
         if created:  # a key that only an override brought into being
             return f"--set {created[0]}"
     return source
-
-
-def _component_dump(recipe: Recipe) -> dict[str, Any]:
-    """ComponentSpec extras are not fields, so dump them explicitly when re-validating a Recipe object."""
-    out: dict[str, Any] = {}
-    for slot in SLOTS:
-        spec = getattr(recipe, slot)
-        if spec is not None:
-            out[slot] = {"name": spec.name, **spec.raw_options}
-    out["losses"] = [{"name": s.name, **s.raw_options} for s in recipe.losses]
-    return out
 
 
 def _plain(data: Any) -> Any:

@@ -34,7 +34,6 @@ from prefixcap.compose import compose
 from prefixcap.errors import PrefixcapError
 from prefixcap.images import ImageError, to_rgb_tensor
 from prefixcap.interfaces import Batch, DatasetSource, System
-from prefixcap.persist import resolved_recipe
 from prefixcap.recipe import Recipe, load_recipe
 from prefixcap.registry import create
 
@@ -460,7 +459,7 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
     run_dir = Path(run_dir or recipe.output.dir.format(recipe=_recipe_name(recipe)))
     _prepare_run_dir(run_dir, fresh)
-    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_recipe(recipe), sort_keys=False))
+    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
     trainer = Run(recipe, run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
