@@ -120,6 +120,21 @@ def with_plugin(plugin_site, monkeypatch):
     return reload_registry()
 
 
+def fit_batch(system, images, captions, steps: int, lr: float = 1e-2) -> None:
+    """Train ``system`` for ``steps`` AdamW steps on one batch (all its param groups at one LR), then eval mode."""
+    import torch
+
+    system.train()
+    optimizer = torch.optim.AdamW([p for g in system.param_groups() for p in g.params], lr=lr)
+    batch = system.make_batch(images, captions)
+    for _ in range(steps):
+        loss, _ = system.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    system.eval()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the installed `prefixcap` console script as a user would."""
     exe = Path(sys.executable).with_name("prefixcap")

@@ -13,6 +13,8 @@ from prefixcap import compose
 from prefixcap.decoders.tokenizer import byte_tokenizer
 from prefixcap.persist import CheckpointError
 
+from conftest import fit_batch
+
 TINY = {
     "encoder": {"name": "siglip", "checkpoint": "tiny"},
     "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
@@ -23,15 +25,7 @@ CAPTIONS = ["a red square", "a dark blue square", "a white square"]
 
 
 def train_steps(system, steps: int = 3) -> None:
-    system.train()
-    opt = torch.optim.AdamW([p for g in system.param_groups() for p in g.params], lr=1e-2)
-    batch = system.make_batch(IMAGES, CAPTIONS)
-    for _ in range(steps):
-        loss, _ = system.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    system.eval()
+    fit_batch(system, IMAGES, CAPTIONS, steps)
 
 
 def test_save_writes_only_what_was_trained_plus_a_readable_manifest(tmp_path):

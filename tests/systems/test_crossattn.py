@@ -18,6 +18,8 @@ from prefixcap import CompositionError, compose
 from prefixcap.decoders.tokenizer import byte_tokenizer
 from prefixcap.encoders.siglip import SiglipEncoder
 
+from conftest import fit_batch
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = [Image.new("RGB", (40, 30), "red"), Image.new("L", (20, 20), 200), Image.new("RGB", (32, 48), "navy")]
 CAPTIONS = ["a red square", "a grey square", "a tall dark blue rectangle"]
@@ -51,15 +53,7 @@ def local(hub: dict, **options) -> dict:
 
 
 def train_steps(system, steps: int, images=IMAGES, captions=CAPTIONS, lr: float = 1e-2) -> None:
-    system.train()
-    optimizer = torch.optim.AdamW([p for g in system.param_groups() for p in g.params], lr=lr)
-    batch = system.make_batch(images, captions)
-    for _ in range(steps):
-        loss, _ = system.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    system.eval()
+    fit_batch(system, images, captions, steps, lr)
 
 
 def test_local_checkpoints_load_through_the_recipe_path(hub):
