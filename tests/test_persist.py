@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import prefixcap
 from prefixcap import compose
-from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.decoders.tokenizer import EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.persist import CheckpointError
 
 from conftest import fit_batch
@@ -69,9 +69,9 @@ def test_adapter_loads_with_plain_peft(tmp_path):
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=259, eos_token_id=2, pad_token_id=0)  # fmt: skip
+                         vocab_size=tiny_vocab_size(), eos_token_id=EOS_ID, pad_token_id=PAD_ID)  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
-    byte_tokenizer().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
     system = compose(TINY, decoder={"name": "causal-lm", "checkpoint": str(tmp_path / "base"), "lora": {"r": 4}})
     train_steps(system)
     system.save(tmp_path / "final")
@@ -106,10 +106,12 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
 def test_tokenize_appends_eos_masks_prompt_and_padding():
     system = compose(TINY, decoder={**TINY["decoder"], "prompt": "Alt:", "add_bos": True})
     tok = system.decoder.tokenizer
-    ids, mask, labels = system.decoder.tokenize(["ab", "abcdef"], max_tokens=4)
-    prompt = [tok.bos_token_id] + tok("Alt:", add_special_tokens=False).input_ids
+    words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert len(words("xq")) == 2 and len(words("xqzjkw")) == 6  # letters the tokenizer has no merges for
+    ids, mask, labels = system.decoder.tokenize(["xq", "xqzjkw"], max_tokens=4)
+    prompt = [tok.bos_token_id] + words("Alt:")
     p = len(prompt)
     assert ids[0, :p].tolist() == prompt and ids[1, :p].tolist() == prompt
-    assert labels[0].tolist() == [-100] * p + tok("ab").input_ids + [tok.eos_token_id] + [-100] * 1
-    assert labels[1].tolist() == [-100] * p + tok("abc").input_ids + [tok.eos_token_id]  # truncated, EOS kept
+    assert labels[0].tolist() == [-100] * p + words("xq") + [tok.eos_token_id] + [-100] * 1
+    assert labels[1].tolist() == [-100] * p + words("xqz") + [tok.eos_token_id]  # truncated, EOS kept
     assert mask.sum(1).tolist() == [p + 3, p + 4]

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import ComponentOptions
@@ -18,8 +18,26 @@ class LoraOptions(BaseModel):
     targets: list[str] | None = None
 
 
+class TinySizes(BaseModel):
+    """The architecture of a ``checkpoint: tiny`` decoder (its vocabulary is the tiny tokenizer's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hidden_size: int = Field(64, ge=8, le=4096)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    num_hidden_layers: int = Field(2, ge=1, le=64)
+    num_attention_heads: int = Field(4, ge=1, le=64)
+    num_key_value_heads: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _heads_fit(self):
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads, and that by num_key_value_heads")
+        return self
+
+
 class CausalLMOptions(ComponentOptions):
     checkpoint: str  # any AutoModelForCausalLM hub id or local directory, or "tiny"
+    tiny: TinySizes = Field(TinySizes(), description="sizes of the random model that `checkpoint: tiny` builds")
     # lora: frozen base + LoRA adapters (default); full: train every weight; frozen: train nothing here.
     finetune: Literal["lora", "full", "frozen"] = "lora"
     lora: LoraOptions = LoraOptions()

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
-from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError
 from prefixcap.interfaces import Decoder
 from prefixcap.persist import CheckpointError
@@ -32,17 +32,16 @@ DEFAULT_LORA_TARGETS = {
 
 # `checkpoint: tiny` shrinks the architecture of the decoder's default checkpoint (Llama for smollm and for the
 # generic causal-lm, Qwen2 for qwen2, Phi for phi) to these sizes, so tests run the same classes users get.
-# The vocabulary is the byte tokenizer's (259 ids: pad 0, bos 1, eos 2).
-TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, vocab_size=259, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)  # fmt: skip
+# Sizes come from the options (decoder.tiny); the vocabulary is the tiny tokenizer's (prefixcap.decoders.tokenizer).
+TINY_VOCAB = dict(max_position_embeddings=512, vocab_size=tiny_vocab_size(), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  pad_token_id=PAD_ID)  # fmt: skip
 TINY_FALLBACK = "HuggingFaceTB/SmolLM-135M"  # Llama, for decoders without a default checkpoint
 
 
 def tiny_config(options: CausalLMOptions) -> dict:
     default = type(options).model_fields["checkpoint"].default
     base = default if isinstance(default, str) and snapshot_path(default).exists() else TINY_FALLBACK
-    return {**json.loads(snapshot_path(base).read_text()), **TINY_SIZES}
+    return {**json.loads(snapshot_path(base).read_text()), **options.tiny.model_dump(), **TINY_VOCAB}
 
 
 class CausalLMDecoder(Decoder):
@@ -62,7 +61,7 @@ class CausalLMDecoder(Decoder):
                                     checkpoint, "tokenizer")  # fmt: skip
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
-            self._tokenizer = byte_tokenizer() if checkpoint == TINY else None
+            self._tokenizer = tiny_tokenizer() if checkpoint == TINY else None
             self.random_init = checkpoint == TINY
         if self._tokenizer is not None and self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token  # labels mask padding anyway
@@ -78,7 +77,7 @@ class CausalLMDecoder(Decoder):
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: CausalLMOptions) -> dict:
-        """Save a tiny random model of this decoder's architecture (and the byte tokenizer) the way the hub
+        """Save a tiny random model of this decoder's architecture (and the tiny tokenizer) the way the hub
         holds real ones, and return the recipe options that load it through from_pretrained."""
         tiny = cls(options.model_copy(update={"checkpoint": TINY, "finetune": "frozen"}), pretrained=True)
         tiny.model.save_pretrained(directory)

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import constants
 
 from prefixcap.checkpoints import TINY, fetch, load_config
-from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput
@@ -30,11 +30,11 @@ from prefixcap.recipe import GenerateConfig
 from prefixcap.systems import CrossAttnOptions
 
 # `tiny`: the default checkpoints' classes, scaled down. ViT: 32x32 images, 8x8 patches -> 16 patches + the class
-# token, width 64. GPT-2: width 64, with the byte tokenizer's vocabulary (259 ids: pad 0, bos 1, eos 2).
+# token, width 64. GPT-2: width 64, with the tiny tokenizer's vocabulary (prefixcap.decoders.tokenizer).
 TINY_VIT = dict(model_type="vit", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                 image_size=32, patch_size=8)  # fmt: skip
-TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=259, bos_token_id=1,
-                 eos_token_id=2, pad_token_id=0)  # fmt: skip
+TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=tiny_vocab_size(),
+                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)  # fmt: skip
 
 # What each family's transformers image processor does with its defaults, so no preprocessor_config.json is fetched
 # (the size comes from the model config): ViTImageProcessor and SiglipImageProcessor resize straight to size x size
@@ -107,7 +107,7 @@ class CrossAttnDecoder(Component):
             self.tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint), checkpoint, "tokenizer")
         else:
             model = AutoModelForCausalLM.from_config(config)
-            self.tokenizer = byte_tokenizer() if checkpoint == TINY else None  # None: `validate`, nothing to read
+            self.tokenizer = tiny_tokenizer() if checkpoint == TINY else None  # None: `validate`, nothing to read
             self.random_init = checkpoint == TINY
         # Architectures without cross-attention (Llama, Qwen2, ...) ignore add_cross_attention: the image would
         # never reach them. The facts that tell: their forward takes no encoder states.
@@ -206,11 +206,11 @@ class CrossAttnSystem(System):
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: CrossAttnOptions | None = None) -> dict[str, Any]:
-        """Save a tiny random ViTModel and GPT-2 (plain, no cross-attention yet; with the byte tokenizer) the way the
+        """Save a tiny random ViTModel and GPT-2 (plain, no cross-attention yet; with the tiny tokenizer) the way the
         hub holds the real ones; the returned options load them through from_pretrained."""
         encoder = AutoModel.from_config(load_config(TINY, AutoConfig, TINY_VIT))
         decoder = AutoModelForCausalLM.from_config(load_config(TINY, AutoConfig, TINY_GPT2))
         encoder.save_pretrained(directory / "encoder")
         decoder.save_pretrained(directory / "decoder")
-        byte_tokenizer().save_pretrained(directory / "decoder")
+        tiny_tokenizer().save_pretrained(directory / "decoder")
         return {"encoder": str(directory / "encoder"), "decoder": str(directory / "decoder")}

@@ -15,7 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import prefixcap
 from prefixcap import CompositionError, compose
-from prefixcap.decoders.tokenizer import byte_tokenizer
+from prefixcap.decoders.tokenizer import tiny_tokenizer, tiny_vocab_size
 from prefixcap.encoders.siglip import SiglipEncoder
 
 from conftest import fit_batch
@@ -38,7 +38,7 @@ def hub(tmp_path_factory) -> dict:
     vit = ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
                              image_size=32, patch_size=8))  # fmt: skip
     vit.save_pretrained(root / "vit")  # with its pooler, as google's checkpoints have it
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer()
     tok.bos_token, tok.pad_token = tok.eos_token, None
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=len(tok),
                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))  # fmt: skip
@@ -221,9 +221,9 @@ def test_siglip_encoder_works_and_decoders_without_cross_attention_are_refused(t
     assert len(system.caption(IMAGES, max_new_tokens=4)) == 3
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=259)  # fmt: skip
+                         vocab_size=tiny_vocab_size())  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    byte_tokenizer().save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
     with pytest.raises(CompositionError, match="is a llama model, which has no cross-attention"):
         compose({"system": {"name": "crossattn", "encoder": "tiny", "decoder": str(tmp_path / "llama")}})
     with pytest.raises(CompositionError, match="offline"):
