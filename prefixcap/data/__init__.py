@@ -34,7 +34,9 @@ class HFOptions(ComponentOptions):
     config: str | None = None
     revision: str | None = None
     image_column: str = "image"
-    caption_column: str = Field("caption", description="a string, or a list of reference captions")
+    caption_column: str | list[str] = Field(
+        "caption", description="a column of one caption or a list of references; or several columns, one each"
+    )
     train: str = "train"  # the dataset's names for our splits
     val: str | None = "validation"
     test: str | None = "test"

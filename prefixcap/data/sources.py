@@ -86,10 +86,15 @@ class HFSource(DatasetSource):
                                    f"{', '.join(data.keys())}); set data.{split}")  # fmt: skip
             data = data[name]
         o = self.options
-        for number, row in enumerate(data):
-            if o.image_column not in row or o.caption_column not in row:
-                raise DatasetError(f"dataset {o.path!r} split {name!r}: rows need columns {o.image_column!r} and "
-                                   f"{o.caption_column!r}; found {', '.join(row)}")  # fmt: skip
-            captions = row[o.caption_column]
-            captions = [captions] if isinstance(captions, str) else list(captions or [])
+        # Flickr8k-style sets keep each reference in its own column (caption_0 ... caption_4).
+        columns = [o.caption_column] if isinstance(o.caption_column, str) else o.caption_column
+        for row in data:
+            missing = [c for c in (o.image_column, *columns) if c not in row]
+            if missing:
+                raise DatasetError(f"dataset {o.path!r} split {name!r}: rows have no column {', '.join(missing)}; "
+                                   f"found {', '.join(row)} (set data.image_column / data.caption_column)")  # fmt: skip
+            captions = []
+            for column in columns:
+                value = row[column]
+                captions += [value] if isinstance(value, str) else list(value or [])
             yield Example(image=row[o.image_column], captions=[c for c in captions if isinstance(c, str)])

@@ -98,3 +98,18 @@ def test_hf_unreachable_dataset_is_a_clear_error(hf_cache, monkeypatch):
     source = prefixcap.create("dataset", "hf", {"path": "nobody/no-such-captions"})
     with pytest.raises(DatasetError, match="cannot load dataset 'nobody/no-such-captions'"):
         list(source.examples("train"))
+
+
+def test_hf_references_in_several_columns_as_flickr8k_keeps_them(tmp_path, hf_cache):
+    """jxie/flickr8k (the real recipes' default data) has image, caption_0 ... caption_4: the same layout, locally."""
+    import datasets
+
+    columns = [f"caption_{i}" for i in range(5)]
+    rows = {"image": [Image.new("RGB", (8, 8), "red")], **{c: [f"a red tile, take {i}"] for i, c in enumerate(columns)}}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "f8k"))
+    options = {"path": str(tmp_path / "f8k"), "caption_column": columns}
+    (example,) = prefixcap.create("dataset", "hf", options).examples("train")
+    assert example.captions == [f"a red tile, take {i}" for i in range(5)]
+    broken = prefixcap.create("dataset", "hf", {**options, "caption_column": [*columns, "caption_5"]})
+    with pytest.raises(DatasetError, match="rows have no column caption_5; found image, caption_0"):
+        list(broken.examples("train"))
