@@ -53,7 +53,9 @@ class ComponentSpec(BaseModel):
 
 class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="examples per micro-batch (a step takes grad_accum "
+                            "of them) over all processes together: a data-parallel run (torchrun, accelerate launch) "
+                            "splits each evenly over its processes, so it must be divisible by their number")  # fmt: skip
     steps: int = Field(1000, ge=1, le=100_000_000)
     grad_accum: int = Field(1, ge=1)
     warmup_steps: int = Field(0, ge=0)
@@ -92,6 +94,7 @@ class OutputConfig(_Section):
     save_every_steps: int | None = Field(None, ge=1)  # None: at the end only
     keep_last: int = Field(2, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    tensorboard: bool | None = None  # scalars in <run dir>/tensorboard/; None: when tensorboard is installed
 
 
 SLOTS: dict[str, str] = {"system": "system", "encoder": "encoder", "connector": "connector", "decoder": "decoder",

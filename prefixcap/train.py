@@ -9,6 +9,9 @@
 Determinism is by construction, so a resumed run ends where an uninterrupted one would: the data order and the
 reference drawn for each image are functions of (seed, epoch, index); the model's own randomness (dropout) comes
 from the torch RNG, whose state each checkpoint keeps.
+
+Under `torchrun` or `accelerate launch` the same command trains data parallel: train.batch_size stays the global
+batch, each process takes its own slice of every micro-batch, and only the main process writes the run directory.
 """
 
 from __future__ import annotations
@@ -239,6 +242,30 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun and `accelerate launch`
+
+
+def _on_cpu() -> bool:
+    """accelerate joins the processes of a launch through an accelerator (GPU) unless told to use the CPU; without
+    this, `torchrun` on a machine without one would start independent runs that overwrite each other's files."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    if _launched_processes() == 1:
+        return False  # accelerate picks the device, as for any single process
+    return not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available())
+
+
+def _tensorboard_installed() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Run:
     """One training run; ``run()`` below is the way to start one."""
 
@@ -246,10 +273,22 @@ class Run:
         from accelerate import Accelerator
 
         self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
+        self.tensorboard = recipe.output.tensorboard is not False and _tensorboard_installed()
+        if recipe.output.tensorboard and not self.tensorboard:
+            raise RunError(f"{recipe.location(('output', 'tensorboard'))}: output.tensorboard is true but the "
+                           "tensorboard package is not installed: pip install 'prefixcap[tensorboard]', or set "
+                           "output.tensorboard: false")  # fmt: skip
         # accelerate keeps one process-wide mixed-precision setting that cannot change once set, so a second run
         # with another precision in the same process (a notebook, `prefixcap bench`) would fail. Autocast is
         # applied here instead; accelerate still places the model, wraps it for DDP and handles accumulation.
-        self.accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+        self.accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=_on_cpu())
+        self.main = self.accelerator.is_main_process
+        if _launched_processes() > 1 and self.accelerator.num_processes == 1:
+            raise RunError(f"launched as {_launched_processes()} processes, but accelerate cannot join them on "
+                           f"{self.accelerator.device}: set ACCELERATE_USE_CPU=1 to train on the CPU")  # fmt: skip
+        if t.batch_size % self.accelerator.num_processes:
+            raise RunError(f"train.batch_size {t.batch_size} is the global batch, split evenly over processes: it "
+                           f"must be divisible by the number of processes, {self.accelerator.num_processes}")  # fmt: skip
         device = self.accelerator.device.type
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -263,7 +302,8 @@ class Run:
         self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples)
         self.frozen_encoder = not any(p.requires_grad for p in self.system.encoder.parameters())
         if self.frozen_encoder and self.system.accepts_features and recipe.train.cache_features:
-            self.train_split.features = encode_split(self.system, self.train_split, recipe.eval.batch_size)
+            with self.accelerator.main_process_first():  # the others then read the features it cached
+                self.train_split.features = encode_split(self.system, self.train_split, recipe.eval.batch_size)
         self.optimizer, self.scheduler = make_optimizer(self.system, recipe)
         self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
         self.step = 0
@@ -305,14 +345,18 @@ class Run:
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
+        if self.main:
+            _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
 
     # training
     def micro_batch(self, k: int) -> Batch:
-        """Micro-batch number k of the endless stream of shuffled epochs (a pure function of seed and k)."""
+        """This process's slice of micro-batch number k of the endless stream of shuffled epochs (a pure function of
+        seed and k, so the processes' slices together are the micro-batch a single process would take)."""
         t, n = self.recipe.train, len(self.train_split)
+        per = t.batch_size // self.accelerator.num_processes
+        first = k * t.batch_size + self.accelerator.process_index * per
         indices, captions = [], []
-        for pos in range(k * t.batch_size, (k + 1) * t.batch_size):
+        for pos in range(first, first + per):
             epoch, offset = divmod(pos, n)
             i = self._order(epoch)[offset]
             indices.append(i)
@@ -335,9 +379,10 @@ class Run:
                 with self.autocast():
                     outputs = self.model(batch)
                     loss, _ = self.system.compute_loss(outputs, batch)
-                if not torch.isfinite(loss):
+                loss, batch_loss = self.global_token_mean(loss, outputs.labels)
+                if not math.isfinite(batch_loss):
                     last = latest_checkpoint(self.run_dir)
-                    raise RunError(f"loss is {float(loss)} at step {self.step + 1}; stopping. Last good checkpoint: "
+                    raise RunError(f"loss is {batch_loss} at step {self.step + 1}; stopping. Last good checkpoint: "
                                    f"{last or 'none'}. Try a lower train.lr or train.precision: fp32")  # fmt: skip
                 self.accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
                 if self.accelerator.sync_gradients:  # the last micro-batch of this step
@@ -351,13 +396,36 @@ class Run:
                     else:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach()) / t.grad_accum
+            total += batch_loss / t.grad_accum
         self.scheduler.step()
         self.step += 1
         return total
 
+    def global_token_mean(self, loss: Tensor, labels: Tensor) -> tuple[Tensor, float]:
+        """(this process's loss rescaled for DDP, the loss of the whole micro-batch) from this process's loss.
+
+        The caption loss is a mean over this slice's caption tokens and DDP averages gradients over processes; when
+        the slices hold different numbers of tokens, the mean of their means is not the token mean of the whole
+        micro-batch that one process would take the gradient of. Weighting each slice by its share of the tokens
+        (times the number of processes, which DDP divides by again) makes the two gradients equal. Losses that are
+        means over examples (clip-align) get the same weights, which average to 1 over the processes. The batch
+        loss is the same number on every process, so a non-finite loss on one of them stops them all."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return loss, float(loss.detach())
+        tokens = (labels != -100).sum().float()
+        total_tokens, total_loss = self.accelerator.reduce(torch.stack([tokens, loss.detach().float() * tokens]), "sum")
+        return loss * (tokens * processes / total_tokens), float(total_loss / total_tokens)
+
     def evaluate(self, split: Split) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return evaluate(self.system, self.source, split, self.recipe)
+        metrics, samples = evaluate(self.system, self.source, split, self.recipe)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            # Every process evaluates the same model, but only the main process's numbers are used, so the
+            # processes can never disagree on the best step or on stopping early.
+            metrics = broadcast_object_list([metrics])[0]
+        return metrics, samples
 
     def stopped_early(self) -> bool:
         patience = self.recipe.eval.patience
@@ -377,7 +445,8 @@ class Run:
     def fit(self, stop_after: int | None = None, report=print) -> None:
         """Train to train.steps (or stop early after ``stop_after`` steps, as an interruption would)."""
         t, out, ev = self.recipe.train, self.recipe.output, self.recipe.eval
-        log = (self.run_dir / "log.jsonl").open("a")
+        log = (self.run_dir / "log.jsonl").open("a") if self.main else None
+        tensorboard = self.tensorboard_writer() if self.main and self.tensorboard else None
         every_eval = ev.every_steps or t.steps
         started, seen = time.perf_counter(), 0
         while self.step < t.steps and not self.stopped_early():
@@ -395,11 +464,17 @@ class Run:
                 report({"step": self.step, "val": row["val"]})
                 improved = self.track_best(metrics.get(ev.metric))
             self.history.append(row)  # before any checkpoint, which keeps the history it was saved with
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if tensorboard:
+                scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "val")}
+                scalars.update({f"val/{k}": v for k, v in row.get("val", {}).items()})
+                for tag, value in scalars.items():
+                    tensorboard.add_scalar(tag, value, self.step)
             stop = self.stopped_early()
             periodic = bool(out.save_every_steps) and self.step % out.save_every_steps == 0
-            if improved or periodic or stop or self.step == t.steps:
+            if self.main and (improved or periodic or stop or self.step == t.steps):
                 self.save_checkpoint()
             if stop:
                 report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {self.best['stale']} "
@@ -407,7 +482,16 @@ class Run:
                 break
             if stop_after is not None and self.step >= stop_after:
                 break
-        log.close()
+        if log:
+            log.close()
+        if tensorboard:
+            tensorboard.close()
+
+    def tensorboard_writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Hides what an interrupted run logged after the checkpoint this one resumed from (it is logged again).
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
 
     def finish(self) -> dict[str, float]:
         """Evaluate on the held-out split and write final/, metrics.json, samples.jsonl and the curves."""
@@ -418,10 +502,12 @@ class Run:
         skipped = self.train_split.skipped + self.val_split.skipped + test.skipped
         metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
                         "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
-        self.system.save(self.run_dir / "final")
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _write_jsonl(self.run_dir / "samples.jsonl", samples)
-        plot_curves(self.history, self.run_dir / "curves.png")
+        if self.main:
+            self.system.save(self.run_dir / "final")
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            _write_jsonl(self.run_dir / "samples.jsonl", samples)
+            plot_curves(self.history, self.run_dir / "curves.png")
+        self.accelerator.wait_for_everyone()  # so that every process returns with the run directory complete
         return metrics
 
 
@@ -451,21 +537,32 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _quiet(row: dict[str, Any]) -> None:
+    pass
+
+
 def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
         stop_after: int | None = None, report=print) -> RunResult:  # fmt: skip
     """Train and evaluate a recipe. An existing run directory with checkpoints is resumed unless ``fresh``."""
     recipe = load_recipe(recipe, overrides)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_on_cpu())  # under torchrun or `accelerate launch`: joins the other processes
     run_dir = Path(run_dir or recipe.output.dir.format(recipe=_recipe_name(recipe)))
-    _prepare_run_dir(run_dir, fresh)
-    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
+    if state.is_main_process:
+        _prepare_run_dir(run_dir, fresh)
+        (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
+    else:
+        report = _quiet  # one process speaks for the run
+    state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
     trainer = Run(recipe, run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         report({"resume": str(checkpoint)})
         trainer.resume(checkpoint)
-    else:
+    elif state.is_main_process:
         (run_dir / "log.jsonl").write_text("")
     report({"total_steps": recipe.train.steps, "step": trainer.step})
     trainer.fit(stop_after, report)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import prefixcap
+from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
 from prefixcap.interfaces import DatasetSource, Example
 from prefixcap.train import RunError, load_split, run
@@ -121,6 +124,23 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path):
     assert again.steps == 4 and again.metrics == first.metrics
 
 
+def flickr8k_layout(directory: Path) -> Path:
+    """A small local set laid out as jxie/flickr8k is (image, caption_0 ... caption_4; train/validation/test)."""
+    import datasets
+
+    splits = {}
+    for split, name, n in (("train", "train", 16), ("val", "validation", 4), ("test", "test", 4)):
+        rows: dict[str, list] = {"image": [], **{f"caption_{i}": [] for i in range(5)}}
+        for example in ShapesSource(ShapesOptions(**{f"{split}_size": n})).examples(split):
+            rows["image"].append(example.image)
+            for i in range(5):
+                rows[f"caption_{i}"].append(example.captions[i % len(example.captions)])
+        splits[name] = datasets.Dataset.from_dict(rows, features=datasets.Features(
+            {"image": datasets.Image(), **{f"caption_{i}": datasets.Value("string") for i in range(5)}}))
+    datasets.DatasetDict(splits).save_to_disk(str(directory))
+    return directory
+
+
 @pytest.mark.parametrize("recipe", ["siglip-smollm135", "crossattn-vit-distilgpt2"])
 def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, tmp_path):
     """The real recipes, unchanged but for --set: tiny checkpoints written locally in each library's format and a
@@ -137,10 +157,11 @@ def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, 
     else:
         tiny = CrossAttnSystem.write_tiny_checkpoint(tmp_path / "crossattn")
         swaps = [f"system.encoder={tiny['encoder']}", f"system.decoder={tiny['decoder']}"]
-    data = ["data.name=shapes", "data.train_size=16", "data.val_size=4", "data.test_size=4"]
     budget = ["train.steps=2", "train.batch_size=4", "generate.max_new_tokens=4"]
+    data = [f"data.path={flickr8k_layout(tmp_path / 'f8k')}"]  # the recipe's own columns and split names
     result = run(recipe, swaps + data + budget, run_dir=tmp_path / "run", report=quiet)
-    assert result.steps == 2 and {"test_loss", "test_oracle_accuracy"} <= set(result.metrics)
+    assert result.steps == 2 and {"test_loss", "test_bleu4", "test_cider"} <= set(result.metrics)
+    assert result.metrics["train_examples"] == 16
     assert prefixcap.load(tmp_path / "run" / "final").recipe.train.precision == "bf16"  # the recipe's own setting
 
 
@@ -150,3 +171,26 @@ def test_runs_with_different_precisions_share_one_process(tmp_path):
         args = [*SMALL, f"train.precision={precision}", "train.grad_accum=2", "train.steps=2"]
         result = run("quickstart", args, run_dir=tmp_path / precision, report=quiet)
         assert result.steps == 2 and all(r["loss"] == r["loss"] for r in result.history)  # finite, not NaN
+
+
+def test_tensorboard_gets_every_logged_scalar_once_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [*SMALL, "output.tensorboard=true"]
+    run("quickstart", args, run_dir=tmp_path / "run", stop_after=3, report=quiet)
+    result = run("quickstart", args, run_dir=tmp_path / "run", report=quiet)  # from step 2: logs step 3 again
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/oracle_accuracy", "val/cider"} <= tags
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]  # the interrupted run's step 3 is replaced, not repeated
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in result.history], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
+
+
+def test_tensorboard_is_optional_unless_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(RunError, match="output.tensorboard is true but the tensorboard package is not installed"):
+        run("quickstart", [*SMALL, "output.tensorboard=true"], run_dir=tmp_path / "asked", report=quiet)
+    result = run("quickstart", [*SMALL, "train.steps=2"], run_dir=tmp_path / "default", report=quiet)
+    assert result.steps == 2 and not (tmp_path / "default" / "tensorboard").exists()
