@@ -15,7 +15,16 @@ from prefixcap.errors import CompositionError, summary
 
 TINY = "tiny"
 _SNAPSHOTS = Path(__file__).parent / "configs"
+_ASSETS = Path(__file__).parent / "assets"
+# Models that ship inside the package, trained on the shapes world by prefixcap.data.shapes_pretrain. Recipes name
+# them like hub ids; they resolve to the package's own directory, so they load offline and wherever it is installed.
+BUNDLED = {"prefixcap/shapes-siglip": _ASSETS / "shapes-siglip", "prefixcap/shapes-clip": _ASSETS / "shapes-clip"}
 T = TypeVar("T")
+
+
+def resolve(checkpoint: str) -> str:
+    """A bundled model's directory; any other checkpoint as given."""
+    return str(BUNDLED[checkpoint]) if checkpoint in BUNDLED else checkpoint
 
 
 def snapshot_path(checkpoint: str) -> Path:

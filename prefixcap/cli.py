@@ -163,7 +163,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
             task = progress.add_task("", total=row["total_steps"], completed=row["step"])
             progress.start()
         elif "val" in row:
-            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "bleu4")}
+            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "clip_s")}
             progress.console.print(f"step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in
                                                                             shown.items()), highlight=False)  # fmt: skip
         elif "loss" in row:
@@ -179,6 +179,8 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
         result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
     finally:
         progress.stop()
+    if not result.main_process:
+        return  # one process of a data-parallel launch speaks for the run
     table = Table(title=f"{result.run_dir}: {result.steps} steps", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -321,6 +321,8 @@ class Example:
 class DatasetSource(ABC):
     """Where (image, captions) examples come from, by split ("train", "val", "test")."""
 
+    clip_model: str | None = None  # a CLIPScore model suited to this data (eval.clip_model: auto); None: CLIP B/32
+
     @abstractmethod
     def examples(self, split: str) -> Iterator[Example]: ...
 

@@ -75,6 +75,9 @@ class EvalConfig(_Section):
     metric: str = "loss"  # the validation metric that picks the best step and drives early stopping
     higher_is_better: bool = False
     patience: int | None = Field(None, ge=0)  # evaluations without improvement before stopping; None: never
+    # CLIPScore's model: "auto" takes the data's own scorer (shapes: the bundled prefixcap/shapes-clip) or else the
+    # paper's CLIP ViT-B/32; any transformers CLIP/SigLIP id or directory, or open_clip:<model>/<tag>; null: none.
+    clip_model: str | None = "auto"
 
 
 class GenerateConfig(_Section):

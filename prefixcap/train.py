@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -37,6 +38,7 @@ from prefixcap.compose import compose
 from prefixcap.errors import PrefixcapError
 from prefixcap.images import ImageError, to_rgb_tensor
 from prefixcap.interfaces import Batch, DatasetSource, System
+from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, ClipScorer
 from prefixcap.recipe import Recipe, load_recipe
 from prefixcap.registry import create
 
@@ -55,6 +57,7 @@ class Split:
     indices: list[int]  # position of each kept example in the source's split
     skipped: int = 0  # unreadable or corrupt images, counted and left out
     features: Tensor | None = None  # (N, T, D) when the encoder is frozen
+    clip_images: Tensor | None = None  # (N, D) CLIPScore image embeddings, computed once for held-out splits
 
     def __len__(self) -> int:
         return len(self.references)
@@ -66,13 +69,15 @@ class RunResult:
     metrics: dict[str, float]
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a data-parallel launch, which stay quiet
 
 
 # --- data ------------------------------------------------------------------------------------------------------
 
 
-def load_split(source: DatasetSource, split: str, system: System, limit: int | None = None) -> Split:
-    pixels, references, indices, skipped = [], [], [], 0
+def load_split(source: DatasetSource, split: str, system: System, limit: int | None = None,
+               scorer: ClipScorer | None = None) -> Split:  # fmt: skip
+    pixels, references, indices, skipped, rgb = [], [], [], 0, []
     for i, example in enumerate(source.examples(split)):
         if limit is not None and i >= limit:
             break
@@ -80,15 +85,32 @@ def load_split(source: DatasetSource, split: str, system: System, limit: int | N
         try:
             if not refs:
                 raise ImageError("no caption")
-            pixels.append(system.encoder.preprocess([to_rgb_tensor(example.image)])[0])
+            image = to_rgb_tensor(example.image)
+            pixels.append(system.encoder.preprocess([image])[0])
         except ImageError:
             skipped += 1  # a broken image (or an uncaptioned one) costs one example, never the run
             continue
         references.append(refs)
         indices.append(i)
+        if scorer is not None:
+            rgb.append(Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()))
     if not pixels:
         return Split(split, torch.empty(0), [], [], skipped)
-    return Split(split, torch.stack(pixels), references, indices, skipped)
+    clip_images = scorer.image_embeddings(rgb) if scorer is not None else None
+    return Split(split, torch.stack(pixels), references, indices, skipped, clip_images=clip_images)
+
+
+def load_scorer(recipe: Recipe, source: DatasetSource) -> ClipScorer | None:
+    """The recipe's CLIPScore model, loaded before training so that a missing one costs seconds, not a run."""
+    name = recipe.eval.clip_model
+    if name == "auto":
+        name = source.clip_model or DEFAULT_CHECKPOINT
+    if name is None:
+        return None
+    try:
+        return ClipScorer.from_pretrained(name)
+    except PrefixcapError as e:
+        raise RunError(f"{e} (eval.clip_model picks the CLIPScore model; set it to null to skip CLIPScore)") from e
 
 
 def feature_cache_key(system: System, split: Split) -> str:
@@ -186,7 +208,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
 
 
 @torch.no_grad()
-def evaluate(system: System, source: DatasetSource, split: Split, recipe: Recipe) -> tuple[dict[str, float], list]:
+def evaluate(system: System, source: DatasetSource, split: Split, recipe: Recipe,
+             scorer: ClipScorer | None = None) -> tuple[dict[str, float], list]:  # fmt: skip
     from prefixcap.metrics.captioning import caption_metrics
 
     system.eval()
@@ -204,6 +227,11 @@ def evaluate(system: System, source: DatasetSource, split: Split, recipe: Recipe
     metrics.update(source.task_metrics(split.name, split.indices, captions))
     samples = [{"index": i, "caption": c, "references": r}
                for i, c, r in zip(split.indices, captions, split.references)]  # fmt: skip
+    if scorer is not None and split.clip_images is not None and captions:
+        scores = scorer.score_embedded(split.clip_images, captions, split.references)
+        metrics.update(clip_s=scores.clip_s, ref_clip_s=scores.ref_clip_s)
+        for sample, s, ref in zip(samples, scores.per_image_clip_s, scores.per_image_ref_clip_s):
+            sample.update(clip_s=round(s, 5), ref_clip_s=round(ref, 5))
     return metrics, samples
 
 
@@ -299,7 +327,8 @@ class Run:
         self.train_split = load_split(self.source, "train", self.system)
         if not len(self.train_split):
             raise RunError(f"data {recipe.data.name!r}: no usable training examples")
-        self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples)
+        self.scorer = load_scorer(recipe, self.source)
+        self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples, self.scorer)
         self.frozen_encoder = not any(p.requires_grad for p in self.system.encoder.parameters())
         if self.frozen_encoder and self.system.accepts_features and recipe.train.cache_features:
             with self.accelerator.main_process_first():  # the others then read the features it cached
@@ -418,7 +447,7 @@ class Run:
         return loss * (tokens * processes / total_tokens), float(total_loss / total_tokens)
 
     def evaluate(self, split: Split) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        metrics, samples = evaluate(self.system, self.source, split, self.recipe)
+        metrics, samples = evaluate(self.system, self.source, split, self.recipe, self.scorer)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -495,7 +524,7 @@ class Run:
 
     def finish(self) -> dict[str, float]:
         """Evaluate on the held-out split and write final/, metrics.json, samples.jsonl and the curves."""
-        test = load_split(self.source, "test", self.system, self.recipe.eval.max_examples)
+        test = load_split(self.source, "test", self.system, self.recipe.eval.max_examples, self.scorer)
         split = test if len(test) else self.val_split
         metrics, samples = self.evaluate(split)
         metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
@@ -567,6 +596,6 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
     report({"total_steps": recipe.train.steps, "step": trainer.step})
     trainer.fit(stop_after, report)
     if stop_after is not None and trainer.step < recipe.train.steps and not trainer.stopped_early():
-        return RunResult(run_dir, {}, trainer.step, trainer.history)
+        return RunResult(run_dir, {}, trainer.step, trainer.history, state.is_main_process)
     metrics = trainer.finish()
-    return RunResult(run_dir, metrics, trainer.step, trainer.history)
+    return RunResult(run_dir, metrics, trainer.step, trainer.history, state.is_main_process)

@@ -14,6 +14,7 @@ import prefixcap
 from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
 from prefixcap.interfaces import DatasetSource, Example
+from prefixcap.metrics.clipscore import ClipScorer
 from prefixcap.train import RunError, load_split, run
 
 SMALL = [
@@ -49,6 +50,23 @@ def test_run_leaves_a_complete_run_directory(tmp_path):
     images = [e.image for e in source.examples("test")]
     loaded = prefixcap.load(d / "final")
     assert loaded.caption(images, max_new_tokens=12) == [s["caption"] for s in samples]
+    # CLIPScore with the bundled shapes CLIP: per image in samples.jsonl, the means in metrics.json
+    expected = ClipScorer.from_pretrained("prefixcap/shapes-clip").score(
+        images, [s["caption"] for s in samples], [s["references"] for s in samples])
+    assert [s["clip_s"] for s in samples] == pytest.approx(expected.per_image_clip_s, abs=1e-4)
+    assert [s["ref_clip_s"] for s in samples] == pytest.approx(expected.per_image_ref_clip_s, abs=1e-4)
+    assert metrics["test_clip_s"] == pytest.approx(expected.clip_s, abs=1e-5)
+    assert metrics["test_ref_clip_s"] == pytest.approx(expected.ref_clip_s, abs=1e-5)
+    assert "clip_s" in log[2]["val"]
+
+
+def test_clipscore_model_is_loaded_before_training_and_can_be_switched_off(tmp_path):
+    missing = tmp_path / "no-such-clip"
+    with pytest.raises(RunError, match=f"{missing}.*set it to null to skip CLIPScore"):
+        run("quickstart", [*SMALL, f"eval.clip_model={missing}"], run_dir=tmp_path / "a", report=quiet)
+    assert not (tmp_path / "a" / "checkpoints").exists()  # failed in seconds, before any step
+    result = run("quickstart", [*SMALL, "eval.clip_model=null", "train.steps=2"], run_dir=tmp_path / "b", report=quiet)
+    assert "test_loss" in result.metrics and not any("clip_s" in k for k in result.metrics)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
@@ -159,8 +177,9 @@ def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, 
         swaps = [f"system.encoder={tiny['encoder']}", f"system.decoder={tiny['decoder']}"]
     budget = ["train.steps=2", "train.batch_size=4", "generate.max_new_tokens=4"]
     data = [f"data.path={flickr8k_layout(tmp_path / 'f8k')}"]  # the recipe's own columns and split names
+    data.append("eval.clip_model=prefixcap/shapes-clip")  # the images are shapes; CLIP B/32 is on the hub
     result = run(recipe, swaps + data + budget, run_dir=tmp_path / "run", report=quiet)
-    assert result.steps == 2 and {"test_loss", "test_bleu4", "test_cider"} <= set(result.metrics)
+    assert result.steps == 2 and {"test_loss", "test_bleu4", "test_cider", "test_clip_s"} <= set(result.metrics)
     assert result.metrics["train_examples"] == 16
     assert prefixcap.load(tmp_path / "run" / "final").recipe.train.precision == "bf16"  # the recipe's own setting
 

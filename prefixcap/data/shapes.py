@@ -135,6 +135,8 @@ def scene_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> float:
 class ShapesSource(DatasetSource):
     """The registered ``shapes`` dataset: deterministic by (seed, split, index); see the module docstring."""
 
+    clip_model = "prefixcap/shapes-clip"  # a real CLIP, trained on this world, since none can be fetched offline
+
     def __init__(self, options: ShapesOptions | None = None):
         self.options = options or ShapesOptions()
 

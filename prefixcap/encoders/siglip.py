@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.checkpoints import TINY, fetch, load_config, resolve
 from prefixcap.encoders import SiglipOptions
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
@@ -23,7 +23,7 @@ class SiglipEncoder(Encoder):
         super().__init__()
         self.options = options
         self.lr = options.unfreeze_lr
-        checkpoint = options.checkpoint
+        checkpoint = resolve(options.checkpoint)
         config = load_config(checkpoint, SiglipVisionConfig, TINY_CONFIG)
         config.vision_use_head = False  # the pooled vector is unused; its weights would only cost memory
         if pretrained and checkpoint != TINY:

@@ -106,7 +106,19 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         if not captions:
             raise ValueError("no captions to score")
-        image_emb = self.image_embeddings(images, batch_size)
+        return self.score_embedded(self.image_embeddings(images, batch_size), captions, references, batch_size)
+
+    def score_embedded(
+        self,
+        image_emb: Tensor,
+        captions: Sequence[str],
+        references: Sequence[Sequence[str]] | None = None,
+        batch_size: int = 64,
+    ) -> ClipScores:
+        """``score`` for images already embedded with ``image_embeddings``: a trainer embeds its held-out images
+        once and scores every evaluation's captions against them."""
+        if len(image_emb) != len(captions):
+            raise ValueError(f"{len(image_emb)} image embeddings but {len(captions)} captions")
         caption_emb = self.text_embeddings([PROMPT + c for c in captions], batch_size)
         per_image = clip_s(image_emb, caption_emb)
         if references is None:
