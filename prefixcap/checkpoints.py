@@ -48,8 +48,9 @@ def _auto_from_dict(auto_cls: Any, data: dict[str, Any]) -> Any:
     return auto_cls.for_model(data.pop("model_type"), **data)
 
 
-def fetch(load: Callable[[], T], checkpoint: str, what: str) -> T:
-    """Run a from_pretrained-style loader, turning "no network / no such repo / bad files" into one clear error."""
+def fetch(load: Callable[[], T], checkpoint: str, what: str, tiny: bool = True) -> T:
+    """Run a from_pretrained-style loader, turning "no network / no such repo / bad files" into one clear error;
+    ``tiny``: whether ``checkpoint: tiny`` is an offline way out worth suggesting."""
     try:
         return load()
     except (OSError, ValueError, EnvironmentError) as e:
@@ -57,8 +58,8 @@ def fetch(load: Callable[[], T], checkpoint: str, what: str) -> T:
         hint = (
             "the directory exists but does not hold a usable checkpoint"
             if local
-            else "it is neither a local directory nor reachable on the model hub (offline? use a local "
-            "directory, or `checkpoint: tiny` for a small random model)"
+            else "it is neither a local directory nor reachable on the model hub (offline? use a local directory"
+            + (", or `checkpoint: tiny` for a small random model)" if tiny else ")")
         )
         first = summary(e)
         raise CompositionError(f"cannot load {what} for {checkpoint!r}: {hint} ({first})") from e

@@ -324,10 +324,10 @@ class Run:
         torch.manual_seed(t.seed)  # random-init parts (checkpoint: tiny) and new layers start the same every time
         self.system = compose(recipe)
         self.source: DatasetSource = create("dataset", recipe.data.name, recipe.data.options)
+        self.scorer = load_scorer(recipe, self.source)  # before the data: a missing model fails in seconds
         self.train_split = load_split(self.source, "train", self.system)
         if not len(self.train_split):
             raise RunError(f"data {recipe.data.name!r}: no usable training examples")
-        self.scorer = load_scorer(recipe, self.source)
         self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples, self.scorer)
         self.frozen_encoder = not any(p.requires_grad for p in self.system.encoder.parameters())
         if self.frozen_encoder and self.system.accepts_features and recipe.train.cache_features:

@@ -69,9 +69,9 @@ def test_validate_prints_parameter_counts():
 
 
 def test_validate_set_overrides():
-    result = run_cli("validate", "quickstart", "--json", "--set", "connector.pool=avg", "--set", "connector.factor=2")
+    result = run_cli("validate", "quickstart", "--json", "--set", "connector.pool=avg", "--set", "connector.factor=4")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["prefix_tokens"] == 4
+    assert json.loads(result.stdout)["prefix_tokens"] == 4  # 8 x 8 patch tokens, 4 x 4 blocks averaged
 
 
 def test_bad_recipe_exits_2_with_a_clear_message_and_no_traceback(tmp_path):

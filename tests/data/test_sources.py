@@ -41,7 +41,8 @@ def test_jsonl_examples_resolve_paths_and_accept_one_or_many_captions(folder):
 def test_training_on_jsonl_skips_and_counts_bad_images(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
     data = {"name": "jsonl", "train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl")}
-    overrides = [f"data={json.dumps(data)}", "train.steps=2", "train.batch_size=4", "generate.max_new_tokens=4"]
+    overrides = [f"data={json.dumps(data)}", "train.steps=2", "train.batch_size=4", "generate.max_new_tokens=4",
+                 "eval.clip_model=null"]  # CLIP B/32, the default for such data, is on the hub
     result = run("quickstart", overrides, run_dir=tmp_path / "run", report=lambda r: None)
     assert result.metrics["train_examples"] == 4 and result.metrics["skipped_images"] == 2
     assert "val_loss" in result.metrics  # no test split: the final evaluation is on val
