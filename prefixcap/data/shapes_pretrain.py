@@ -30,6 +30,8 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import COLOURS, KINDS, SIZES, Scene, Shape, ShapesSource, references, scene_accuracy
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.images import ImageProcessor
-from prefixcap.metrics.clipscore import PROMPT
+from prefixcap.metrics.clipscore import PROMPT, embeddings_of
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PRETRAIN_SEED = 7919  # a shapes seed of its own: no recipe draws these images
@@ -107,6 +109,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim
     )
 
 
+def optimizer_step(loss: Tensor, clipped: Iterable[Tensor], optimizer: torch.optim.Optimizer, schedule) -> None:
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+
+
 def batches(n: int, batch: int, epochs: int, seed: int):
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -143,11 +153,15 @@ def scene_loss(probe: torch.nn.Linear, image_emb: Tensor, labels: Tensor) -> tup
     return torch.stack(losses).mean(), right
 
 
+@lru_cache(maxsize=1)
+def _text_tokenizer():
+    return tiny_tokenizer()  # read once: tokenize runs every training step
+
+
 def tokenize(texts: list[str]) -> dict[str, Tensor]:
     # The scorer only ever sees captions after CLIPScore's prompt, so that is how it learns them; padded to
     # MAX_TEXT as ClipScorer pads (which for CLIP's EOS pooling under a causal mask changes nothing).
-    tok = tiny_tokenizer()
-    return tok([PROMPT + t for t in texts], padding="max_length", max_length=MAX_TEXT, truncation=True,
+    return _text_tokenizer()([PROMPT + t for t in texts], padding="max_length", max_length=MAX_TEXT, truncation=True,
                return_tensors="pt")  # fmt: skip
 
 
@@ -155,14 +169,10 @@ def contrastive_loss(model, img: Tensor, texts: dict[str, Tensor]) -> Tensor:
     """Image embeddings (B) against texts (B positives first, then B near misses)."""
     b = img.shape[0]
     img = F.normalize(img, dim=-1)
-    txt = F.normalize(_features(model.get_text_features(**texts)), dim=-1)
+    txt = F.normalize(embeddings_of(model.get_text_features(**texts)), dim=-1)
     logits = img @ txt.T * model.logit_scale.exp()  # (B, 2B)
     target = torch.arange(b)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)) / 2
-
-
-def _features(out) -> Tensor:
-    return out if isinstance(out, Tensor) else out.pooler_output  # transformers 5 may return a model output
 
 
 @torch.no_grad()
@@ -174,9 +184,9 @@ def clip_report(model, probe: torch.nn.Linear, n: int = 400) -> dict[str, float]
     rng = random.Random(0)
     own = [references(s)[0] for s in scenes]
     miss = [rng.choice(references(near_miss(s, rng, z))) for s, z in zip(scenes, sized)]
-    raw = _features(model.get_image_features(pixel_values=pixels))
+    raw = embeddings_of(model.get_image_features(pixel_values=pixels))
     img = F.normalize(raw, dim=-1)
-    own_e, miss_e = (F.normalize(_features(model.get_text_features(**tokenize(t))), dim=-1) for t in (own, miss))
+    own_e, miss_e = (F.normalize(embeddings_of(model.get_text_features(**tokenize(t))), dim=-1) for t in (own, miss))
     sim_own, sim_miss = (img * own_e).sum(-1), (img * miss_e).sum(-1)
     other = [(i, (i + 1) % len(scenes)) for i in range(len(scenes)) if scenes[i] != scenes[(i + 1) % len(scenes)]]
     wins = sum(float(sim_own[i] > img[i] @ own_e[j]) for i, j in other)
@@ -209,14 +219,10 @@ def train_clip(images: int, epochs: int, batch: int, lr: float, seed: int = 0):
         captions = [rng.choice(references(scenes[i])) for i in idx]
         misses = [rng.choice(references(near_miss(scenes[i], rng, sized[i]))) for i in idx]
         model.train()
-        img = _features(model.get_image_features(pixel_values=pixels[idx]))
+        img = embeddings_of(model.get_image_features(pixel_values=pixels[idx]))
         contrastive = contrastive_loss(model, img, tokenize(captions + misses))
         supervised, _ = scene_loss(probe, img, labels[idx])
-        (contrastive + supervised).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        optimizer_step(contrastive + supervised, model.parameters(), optimizer, schedule)  # the read-out unclipped
         if step % 50 == 0 or step == steps:
             print(f"clip: step {step}/{steps} contrastive {contrastive.item():.4f} scene {supervised.item():.4f} "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
@@ -249,11 +255,7 @@ def train_siglip(images: int, epochs: int, batch: int, lr: float, seed: int = 0)
         system.train()
         ids, mask, labels = system.tokenize([rng.choice(references(scenes[i])) for i in idx], MAX_TEXT)
         loss, _ = system.loss(Batch(pixel_values=pixels[idx], input_ids=ids, attention_mask=mask, labels=labels))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(system.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        optimizer_step(loss, system.parameters(), optimizer, schedule)
         if step % 50 == 0 or step == steps:
             print(f"siglip: step {step}/{steps} caption loss {loss.item():.4f} "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip

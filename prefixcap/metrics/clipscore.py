@@ -152,18 +152,18 @@ def _transformers_encoders(checkpoint: str, device: torch.device) -> tuple[Encod
 
     def encode_images(images: list[Image.Image]) -> Tensor:
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        return _features(model.get_image_features(pixel_values=pixels.to(device, model.dtype)))
+        return embeddings_of(model.get_image_features(pixel_values=pixels.to(device, model.dtype)))
 
     def encode_texts(texts: list[str]) -> Tensor:
         # SigLIP was trained on max_length-padded text and pools the last position, so pad to it; for CLIP, which
         # pools at EOS under a causal mask, the padding changes nothing (and clip.tokenize pads the same way).
         tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        return _features(model.get_text_features(**tokens.to(device)))
+        return embeddings_of(model.get_text_features(**tokens.to(device)))
 
     return encode_images, encode_texts
 
 
-def _features(output: Any) -> Tensor:
+def embeddings_of(output: Any) -> Tensor:
     # transformers 4 returns the projected embeddings; 5 returns the tower's output with them as pooler_output.
     return output if isinstance(output, Tensor) else output.pooler_output
 
