@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from prefixcap.decoders import TinySizes
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import ComponentOptions
 
@@ -16,6 +17,9 @@ class CrossAttnOptions(ComponentOptions):
     encoder: str = "google/vit-base-patch16-224-in21k"
     # A causal LM whose blocks can take cross-attention (the GPT-2 family), or "tiny" for a small random GPT-2.
     decoder: str = "distilbert/distilgpt2"
+    # Sizes of the random GPT-2 that `decoder: tiny` builds (None: width 64, 2 layers, 2 heads). GPT-2 has no
+    # grouped-query attention, so num_key_value_heads is not used.
+    decoder_tiny: TinySizes | None = None
     # Frozen, as the prefix system's encoders are: comparing the two then compares how the image reaches the
     # decoder (cross-attention vs a prefix), not how much of the encoder each one fine-tunes.
     freeze_encoder: bool = True

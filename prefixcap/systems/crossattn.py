@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import constants
 
-from prefixcap.checkpoints import TINY, fetch, load_config
+from prefixcap.checkpoints import TINY, fetch, load_config, resolve
+from prefixcap.decoders import TinySizes
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
@@ -35,6 +36,13 @@ TINY_VIT = dict(model_type="vit", hidden_size=64, num_hidden_layers=2, num_atten
                 image_size=32, patch_size=8)  # fmt: skip
 TINY_GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=tiny_vocab_size(),
                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)  # fmt: skip
+
+
+def tiny_gpt2(sizes: TinySizes | None) -> dict[str, Any]:
+    if sizes is None:
+        return TINY_GPT2
+    return {**TINY_GPT2, "n_embd": sizes.hidden_size, "n_inner": sizes.intermediate_size,
+            "n_layer": sizes.num_hidden_layers, "n_head": sizes.num_attention_heads}  # fmt: skip
 
 # What each family's transformers image processor does with its defaults, so no preprocessor_config.json is fetched
 # (the size comes from the model config): ViTImageProcessor and SiglipImageProcessor resize straight to size x size
@@ -54,6 +62,7 @@ class VisionEncoder(Encoder):
         super().__init__()
         self.lr = lr
         self.checkpoint = checkpoint
+        checkpoint = resolve(checkpoint)  # a model bundled with prefixcap (prefixcap/shapes-siglip) loads offline
         config = load_config(checkpoint, AutoConfig, TINY_VIT)
         config = getattr(config, "vision_config", config)  # SigLIP/CLIP checkpoints also hold a text tower
         if hasattr(config, "vision_use_head"):
@@ -95,11 +104,11 @@ class CrossAttnDecoder(Component):
 
     group_name = "decoder"
 
-    def __init__(self, checkpoint: str, *, lr: float | None, pretrained: bool):
+    def __init__(self, checkpoint: str, *, lr: float | None, pretrained: bool, tiny: TinySizes | None = None):
         super().__init__()
         self.lr = lr
         self.checkpoint = checkpoint
-        config = load_config(checkpoint, AutoConfig, TINY_GPT2)
+        config = load_config(checkpoint, AutoConfig, tiny_gpt2(tiny))
         config.is_decoder, config.add_cross_attention = True, True  # as from_encoder_decoder_pretrained sets them
         if pretrained and checkpoint != TINY:
             model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config), checkpoint,
@@ -161,7 +170,8 @@ class CrossAttnSystem(System):
             )
         self.encoder = VisionEncoder(options.encoder, freeze=options.freeze_encoder, lr=options.lr,
                                      pretrained=pretrained)  # fmt: skip
-        self.decoder = CrossAttnDecoder(options.decoder, lr=options.lr, pretrained=pretrained)
+        self.decoder = CrossAttnDecoder(options.decoder, lr=options.lr, pretrained=pretrained,
+                                        tiny=options.decoder_tiny)  # fmt: skip
         self.losses = nn.ModuleList(losses)
         # forward starts from Batch.features (the encoder's output) when given; cached features would silently
         # freeze an encoder that is meant to train, so offer them only for a frozen one.

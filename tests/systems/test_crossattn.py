@@ -228,3 +228,15 @@ def test_siglip_encoder_works_and_decoders_without_cross_attention_are_refused(t
         compose({"system": {"name": "crossattn", "encoder": "tiny", "decoder": str(tmp_path / "llama")}})
     with pytest.raises(CompositionError, match="offline"):
         compose({"system": {"name": "crossattn", "encoder": "tiny", "decoder": "nobody/no-such-model"}})
+
+
+def test_quickstart_baseline_reads_the_bundled_encoder_through_a_sized_tiny_gpt2():
+    # recipes/quickstart-crossattn.yaml, bench's `crossattn` preset: the quickstart's own frozen SigLIP weights
+    # (bundled, loaded offline) and a GPT-2 of the size decoder_tiny asks for.
+    system = compose(REPO / "recipes" / "quickstart-crossattn.yaml")
+    prefix = compose(REPO / "recipes" / "quickstart.yaml")
+    ours, theirs = system.encoder.model.state_dict(), prefix.encoder.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = system.decoder.model.config
+    assert (config.n_embd, config.n_inner, config.n_layer, config.n_head) == (128, 256, 2, 4)
+    assert not any(p.requires_grad for p in system.encoder.parameters())
