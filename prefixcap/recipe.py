@@ -57,6 +57,9 @@ class TrainConfig(_Section):
                             "of them) over all processes together: a data-parallel run (torchrun, accelerate launch) "
                             "splits each evenly over its processes, so it must be divisible by their number")  # fmt: skip
     steps: int = Field(1000, ge=1, le=100_000_000)
+    # A wall-clock budget besides steps: training stops once this many seconds were spent in training steps
+    # (evaluation and checkpoints not counted). The LR schedule still spans train.steps.
+    max_seconds: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -336,6 +336,9 @@ class Run:
         self.optimizer, self.scheduler = make_optimizer(self.system, recipe)
         self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
         self.step = 0
+        self.train_seconds = 0.0  # in training steps only: evaluation and checkpoints are not counted
+        self.step_times: list[tuple[float, float]] = []  # (data s, compute s) of each step this process took
+        self.data_seen = hashlib.sha256()  # every (index, caption) trained on, in order: `prefixcap bench` checks it
         self.history: list[dict[str, Any]] = []
         self._order_cache: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
         # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
@@ -372,6 +375,7 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(str(checkpoint / "rng.safetensors"))["torch"])
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
+        self.train_seconds = self.history[-1].get("train_s", 0.0) if self.history else 0.0
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         if self.main:
@@ -390,6 +394,7 @@ class Run:
             i = self._order(epoch)[offset]
             indices.append(i)
             captions.append(pick_reference(t.seed, epoch, i, self.train_split.references[i]))
+        self.data_seen.update(json.dumps([[self.train_split.indices[i] for i in indices], captions]).encode())
         batch = make_batch(self.system, self.train_split, indices, captions, t.max_caption_tokens)
         return _to(batch, self.accelerator.device)
 
@@ -401,9 +406,11 @@ class Run:
     def train_step(self) -> float:
         t = self.recipe.train
         self.model.train()
-        total = 0.0
+        total, data_s, started = 0.0, 0.0, time.perf_counter()
         for j in range(t.grad_accum):
+            tic = time.perf_counter()
             batch = self.micro_batch(self.step * t.grad_accum + j)
+            data_s += time.perf_counter() - tic
             with self.accelerator.accumulate(self.model):
                 with self.autocast():
                     outputs = self.model(batch)
@@ -428,6 +435,11 @@ class Run:
             total += batch_loss / t.grad_accum
         self.scheduler.step()
         self.step += 1
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # the optimiser step is queued, not done, until then
+        elapsed = time.perf_counter() - started
+        self.step_times.append((data_s, elapsed - data_s))
+        self.train_seconds += elapsed
         return total
 
     def global_token_mean(self, loss: Tensor, labels: Tensor) -> tuple[Tensor, float]:
@@ -456,6 +468,18 @@ class Run:
             metrics = broadcast_object_list([metrics])[0]
         return metrics, samples
 
+    def out_of_time(self) -> bool:
+        budget = self.recipe.train.max_seconds
+        if budget is None:
+            return False
+        spent = self.train_seconds
+        if self.accelerator.num_processes > 1:  # the processes' clocks differ: all stop when the slowest is out
+            spent = float(self.accelerator.reduce(torch.tensor(spent, device=self.accelerator.device), "max"))
+        return spent >= budget
+
+    def done(self) -> bool:
+        return self.step >= self.recipe.train.steps or self.stopped_early() or self.out_of_time()
+
     def stopped_early(self) -> bool:
         patience = self.recipe.eval.patience
         return patience is not None and self.best["stale"] > patience
@@ -478,16 +502,17 @@ class Run:
         tensorboard = self.tensorboard_writer() if self.main and self.tensorboard else None
         every_eval = ev.every_steps or t.steps
         started, seen = time.perf_counter(), 0
-        while self.step < t.steps and not self.stopped_early():
+        while not self.done():
             loss = self.train_step()
             seen += t.batch_size * t.grad_accum
-            row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6),
-                                   "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
-            if self.step % out.log_every_steps == 0 or self.step == t.steps:
+            last = self.step == t.steps or self.out_of_time()
+            row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
+                                   "train_s": round(self.train_seconds, 4)}  # fmt: skip
+            if self.step % out.log_every_steps == 0 or last:
                 row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
                 report(row)
             improved = False
-            if self.step % every_eval == 0 or self.step == t.steps:
+            if self.step % every_eval == 0 or last:
                 metrics, _ = self.evaluate(self.val_split)
                 row["val"] = {k: round(v, 6) for k, v in metrics.items()}
                 report({"step": self.step, "val": row["val"]})
@@ -503,7 +528,7 @@ class Run:
                     tensorboard.add_scalar(tag, value, self.step)
             stop = self.stopped_early()
             periodic = bool(out.save_every_steps) and self.step % out.save_every_steps == 0
-            if self.main and (improved or periodic or stop or self.step == t.steps):
+            if self.main and (improved or periodic or stop or last):
                 self.save_checkpoint()
             if stop:
                 report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {self.best['stale']} "
@@ -570,9 +595,9 @@ def _quiet(row: dict[str, Any]) -> None:
     pass
 
 
-def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
-        stop_after: int | None = None, report=print) -> RunResult:  # fmt: skip
-    """Train and evaluate a recipe. An existing run directory with checkpoints is resumed unless ``fresh``."""
+def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
+          report=print) -> Run:  # fmt: skip
+    """Set up a run: its directory, its system and data, and its state from the last checkpoint if there is one."""
     recipe = load_recipe(recipe, overrides)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
@@ -583,8 +608,6 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
     if state.is_main_process:
         _prepare_run_dir(run_dir, fresh)
         (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
-    else:
-        report = _quiet  # one process speaks for the run
     state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
     trainer = Run(recipe, run_dir)
     checkpoint = latest_checkpoint(run_dir)
@@ -593,9 +616,20 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
         trainer.resume(checkpoint)
     elif state.is_main_process:
         (run_dir / "log.jsonl").write_text("")
-    report({"total_steps": recipe.train.steps, "step": trainer.step})
+    return trainer
+
+
+def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
+        stop_after: int | None = None, report=print) -> RunResult:  # fmt: skip
+    """Train and evaluate a recipe. An existing run directory with checkpoints is resumed unless ``fresh``."""
+    from accelerate import PartialState
+
+    if not PartialState(cpu=_on_cpu()).is_main_process:
+        report = _quiet  # one process speaks for the run
+    trainer = start(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
+    report({"total_steps": trainer.recipe.train.steps, "step": trainer.step})
     trainer.fit(stop_after, report)
-    if stop_after is not None and trainer.step < recipe.train.steps and not trainer.stopped_early():
-        return RunResult(run_dir, {}, trainer.step, trainer.history, state.is_main_process)
+    if not trainer.done():  # stopped after `stop_after` steps, as an interruption would
+        return RunResult(trainer.run_dir, {}, trainer.step, trainer.history, trainer.main)
     metrics = trainer.finish()
-    return RunResult(run_dir, metrics, trainer.step, trainer.history, state.is_main_process)
+    return RunResult(trainer.run_dir, metrics, trainer.step, trainer.history, trainer.main)

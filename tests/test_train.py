@@ -77,7 +77,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert resumed.metrics == full.metrics
     def log(name):  # everything but the timings
         rows = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "train_s")} for r in rows]
 
     assert log("resumed") == log("full")
     a = prefixcap.load(tmp_path / "full" / "final").state_dict()
@@ -213,3 +213,12 @@ def test_tensorboard_is_optional_unless_asked_for(tmp_path, monkeypatch):
         run("quickstart", [*SMALL, "output.tensorboard=true"], run_dir=tmp_path / "asked", report=quiet)
     result = run("quickstart", [*SMALL, "train.steps=2"], run_dir=tmp_path / "default", report=quiet)
     assert result.steps == 2 and not (tmp_path / "default" / "tensorboard").exists()
+
+
+def test_a_wall_clock_budget_ends_training_and_still_evaluates(tmp_path):
+    # A budget smaller than any step: the run takes one step, evaluates it as its last, and writes final/.
+    result = run("quickstart", [*SMALL, "train.steps=50", "train.max_seconds=1e-6"], run_dir=tmp_path / "r",
+                 report=quiet)  # fmt: skip
+    assert result.steps == 1 and (tmp_path / "r" / "final").exists() and "test_loss" in result.metrics
+    (row,) = result.history
+    assert "val" in row and row["train_s"] > 0
