@@ -189,6 +189,54 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
     out.print(table)
 
 
+@cli.command()
+@click.option("--compare", required=True, metavar="A,B,...",
+              help="Systems (prefix, crossattn: their presets) or recipe files/names, comma-separated; the first "
+                   "is the reference for ratios.")
+@click.option("--data", help="Data for every entry: a dataset name, a YAML mapping such as '{name: hf, path: ...}', "
+                             "or a recipe whose data section is used. Default: the first entry's (shapes for presets).")
+@click.option("--steps", type=click.IntRange(min=1), help="Budget: optimiser steps (default: the first entry's).")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Budget: seconds of training steps instead of a step count.")
+@click.option("--seed", type=int, help="Seed for every entry (default: the first entry's).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Training batch for every entry (default: the first's).")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation runs (time to target).")
+@click.option("--target", help="Quality to time, e.g. oracle_accuracy>=0.9 (the default on shapes) or clip_s>=0.7.")
+@click.option("--gen-images", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images captioned one at a time for the batch-1 speed and latency.")
+@set_option
+@click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(file_okay=False),
+              help="Where the runs, bench.json, bench.md and bench.png go.")
+@_errors_to_exit_2
+def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
+    """Train and evaluate several systems on the same data, seed and budget, and compare quality, speed and memory.
+
+    --set overrides apply to every entry (e.g. --set data.train_size=2000)."""
+    from prefixcap.bench import bench as run_bench
+    from prefixcap.bench_report import rows
+
+    def report(row: dict) -> None:
+        if "entry" in row:
+            out.rule(f"{row['entry']}  ({row['recipe']})")
+        elif "val" in row:
+            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "clip_s")}
+            out.print(f"{row['of']}: step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in
+                                                                            shown.items()), markup=False, highlight=False)  # fmt: skip
+
+    result = run_bench(compare.split(","), out=out_dir, overrides=overrides, report=report, **options)
+    p, env = result["protocol"], result["environment"]
+    budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s"
+    table = Table(title=f"bench on {env['device']['name']}: data {p['data']['name']}, seed {p['seed']}, batch "
+                        f"{p['batch_size']}, {budget}, N={p['gen_batch']}", title_justify="left")  # fmt: skip
+    table.add_column("")
+    for e in result["entries"]:
+        table.add_column(e["label"], justify="right", overflow="fold")
+    for row in rows(result):
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"wrote {', '.join(result['files'].values())}", highlight=False)
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,170 @@
+"""What `prefixcap bench` leaves behind: bench.json (figures + where they were measured), bench.md and bench.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# (key, what the table calls it, format); the order of the table's rows.
+COLUMNS: list[tuple[str, str, str]] = [
+    ("oracle_accuracy", "exact-scene accuracy (test)", "{:.3f}"),
+    ("clip_s", "CLIP-S (test)", "{:.4f}"),
+    ("ref_clip_s", "RefCLIP-S (test)", "{:.4f}"),
+    ("cider", "CIDEr (test)", "{:.3f}"),
+    ("bleu4", "BLEU-4 (test)", "{:.3f}"),
+    ("time_to_target_s", "train s to target", "{:.1f}"),
+    ("steps_to_target", "steps to target", "{:d}"),
+    ("train_samples_per_s", "train samples/s (data excluded)", "{:.0f}"),
+    ("train_samples_per_s_with_data", "train samples/s (data included)", "{:.0f}"),
+    ("caption_images_per_s_b1", "caption images/s, batch 1", "{:.1f}"),
+    ("caption_images_per_s_batch", "caption images/s, batch N", "{:.1f}"),
+    ("caption_latency_p50_ms", "caption latency p50 ms", "{:.1f}"),
+    ("caption_latency_p95_ms", "caption latency p95 ms", "{:.1f}"),
+    ("peak_train_memory_mb", "peak training memory MiB", "{:.0f}"),
+    ("total_params", "parameters", "{:,}"),
+    ("trainable_params", "trainable parameters", "{:,}"),
+    ("checkpoint_mb", "checkpoint MiB", "{:.2f}"),
+    ("steps", "steps trained", "{:d}"),
+    ("train_seconds", "train s (steps only)", "{:.1f}"),
+    ("setup_seconds", "setup s (data, feature cache)", "{:.1f}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+]
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    versions = {}
+    for dist in ("prefixcap", "torch", "transformers", "peft", "accelerate", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
+                    "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "device": {"type": device, "name": name}, "versions": versions, "git_revision": git_revision(),
+    }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str:
+    """The checkout prefixcap runs from, "-dirty" when it has uncommitted changes; figures name the code they measured."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (prefixcap is not running from a git checkout)"
+    return rev.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def ratios(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each later entry's figures divided by the first entry's."""
+    base = entries[0]["values"]
+    out = {}
+    for e in entries[1:]:
+        out[e["label"]] = {k: v / base[k] for k, v in e["values"].items()
+                           if isinstance(v, (int, float)) and isinstance(base.get(k), (int, float)) and base[k]}
+    return out
+
+
+def cell(entry: dict[str, Any], key: str, fmt: str) -> str:
+    value = entry["values"].get(key)
+    if value is None:
+        return f"n/a: {entry['why'].get(key, 'not measured')}"
+    return fmt.format(int(value) if fmt.endswith("d}") or fmt == "{:,}" else value)
+
+
+def rows(report: dict[str, Any]) -> list[list[str]]:
+    """The table: one row per figure, one column per entry; later entries show their ratio to the first."""
+    entries, rel = report["entries"], report["ratios"]
+    table = []
+    for key, label, fmt in COLUMNS:
+        row = [label]
+        for e in entries:
+            text = cell(e, key, fmt)
+            if e["label"] in rel and key in rel[e["label"]]:
+                text += f" ({rel[e['label']][key]:.2f}x)"
+            row.append(text)
+        table.append(row)
+    return table
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, p = report["environment"], report["protocol"]
+    budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s of training"
+    lines = [
+        f"Measured by `prefixcap bench` on {env['device']['name']} ({env['device']['type']}), "
+        f"prefixcap {env['versions']['prefixcap']} at {env['git_revision']}, torch {env['versions']['torch']}.",
+        f"Same data ({p['data']['name']}), seed {p['seed']}, batch {p['batch_size']}, budget {budget}; "
+        f"ratios in brackets are against {report['entries'][0]['label']}.",
+        "",
+        "| | " + " | ".join(e["label"] for e in report["entries"]) + " |",
+        "|---|" + "---|" * len(report["entries"]),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report["entries"]
+    quality = next((k for k in ("oracle_accuracy", "clip_s", "cider")
+                    if all(e["values"].get(k) is not None for e in entries)), None)  # fmt: skip
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for e in entries:
+        x = e["values"]["train_samples_per_s"]
+        y = e["values"].get(quality) if quality else 0.0
+        left.scatter([x], [y], s=60)
+        left.annotate(e["label"], (x, y), textcoords="offset points", xytext=(6, 4))
+    left.set_xlabel("training samples/s (median, data excluded)")
+    left.set_ylabel(f"{quality} (test)" if quality else "no quality metric for every entry")
+    left.set_title("quality vs training throughput")
+    bars = [("train samples/s", "train_samples_per_s"), ("caption img/s b1", "caption_images_per_s_b1"),
+            ("caption img/s bN", "caption_images_per_s_batch")]  # fmt: skip
+    width = 0.8 / len(entries)
+    for i, e in enumerate(entries):
+        right.bar([j + i * width for j in range(len(bars))], [e["values"][k] for _, k in bars], width, label=e["label"])
+    right.set_xticks([j + width * (len(entries) - 1) / 2 for j in range(len(bars))], [b for b, _ in bars])
+    right.set_yscale("log")
+    right.set_title("throughput")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)

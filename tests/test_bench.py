@@ -1,0 +1,112 @@
+"""`prefixcap bench`: one short comparison of the two presets end to end, and the protocol's refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from conftest import run_cli
+
+from prefixcap.bench import BenchError, Target, bench, plan, time_to_target
+from prefixcap.bench_report import COLUMNS
+from prefixcap.data import ShapesOptions
+from prefixcap.data.shapes import ShapesSource
+from prefixcap.train import epoch_order, pick_reference
+
+SMALL = ["data.train_size=48", "data.val_size=6", "data.test_size=6"]
+STEPS, BATCH, SEED = 4, 16, 3  # 4 x 16 = 64 > 48: the second epoch (a new order) starts inside the run
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFIXCAP_CACHE", str(out / "cache"))
+        result = bench(["crossattn", "prefix"], out=out, steps=STEPS, batch_size=BATCH, seed=SEED, eval_every=2,
+                       gen_images=2, overrides=SMALL)  # fmt: skip
+    return result, out
+
+
+def expected_fingerprint() -> str:
+    """What the run must have trained on, rebuilt from the seed alone: micro-batch k takes positions k*B..k*B+B-1 of
+    the endless stream of per-epoch permutations, and each image one reference drawn per epoch."""
+    source = ShapesSource(ShapesOptions(train_size=48))
+    references = [e.captions for e in source.examples("train")]
+    digest = hashlib.sha256()
+    for k in range(STEPS):
+        ids, captions = [], []
+        for pos in range(k * BATCH, (k + 1) * BATCH):
+            epoch, offset = divmod(pos, len(references))
+            i = epoch_order(SEED, epoch, len(references))[offset]
+            ids.append(i)
+            captions.append(pick_reference(SEED, epoch, i, references[i]))
+        digest.update(json.dumps([ids, captions]).encode())
+    return digest.hexdigest()
+
+
+def test_bench_json_has_every_figure_for_every_entry(report):
+    result, out = report
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["protocol"] == result["protocol"] and [e["label"] for e in saved["entries"]] == ["crossattn", "prefix"]
+    env = saved["environment"]
+    assert {"torch", "transformers", "peft", "onnxruntime"} <= env["versions"].keys()
+    assert env["device"]["type"] == "cpu" and env["machine"]["cpu_cores"] >= 1 and env["git_revision"]
+    for entry in saved["entries"]:
+        values, why = entry["values"], entry["why"]
+        for key, _, _ in COLUMNS:  # a figure, or the reason there is none: never a silent gap
+            assert isinstance(values[key], (int, float)) or why[key], (entry["label"], key)
+        assert values["steps"] == STEPS and values["train_seconds"] > 0
+        assert 0 < values["train_samples_per_s"] and 0 < values["train_samples_per_s_with_data"]
+        assert values["train_samples_per_s_with_data"] <= values["train_samples_per_s"]
+        assert values["caption_latency_p50_ms"] <= values["caption_latency_p95_ms"]
+        assert values["peak_train_memory_mb"] > 50 and values["checkpoint_mb"] > 0
+        assert 0 < values["trainable_params"] < values["total_params"]
+        assert values["oracle_accuracy"] is not None and values["clip_s"] is not None
+        # Four steps reach nothing: the reason says so, with the best value seen.
+        assert values["time_to_target_s"] is None and "not reached in 4 steps" in why["time_to_target_s"]
+    ratio = saved["ratios"]["prefix"]
+    first, second = (e["values"] for e in saved["entries"])
+    assert ratio["train_samples_per_s"] == pytest.approx(second["train_samples_per_s"] / first["train_samples_per_s"])
+    md = (out / "bench.md").read_text()
+    assert "| | crossattn | prefix |" in md and "train samples/s (data excluded)" in md
+    assert (out / "bench.png").stat().st_size > 10_000
+
+
+def test_both_entries_trained_on_the_same_examples_in_the_same_order(report):
+    result, _ = report
+    data = [e["data"] for e in result["entries"]]
+    assert data[0] == data[1]
+    assert data[0]["seed"] == SEED and data[0]["batch_size"] == BATCH and data[0]["train_examples"] == 48
+    assert data[0]["fingerprint"] == expected_fingerprint()
+    assert result["protocol"]["data"] == {"name": "shapes", "train_size": 48, "val_size": 6, "test_size": 6}
+
+
+def test_entries_must_see_images_at_one_resolution(tmp_path):
+    other = tmp_path / "small-images.yaml"  # `tiny` SigLIP takes 32-pixel images; the quickstart's takes 64
+    other.write_text("system: prefix\nencoder: {name: siglip, checkpoint: tiny}\nconnector: mlp\n"
+                     "decoder: {name: smollm, checkpoint: tiny}\ndata: shapes\n")  # fmt: skip
+    with pytest.raises(BenchError, match="different resolutions .*prefix 64 px, small-images 32 px"):
+        plan(["prefix", str(other)])
+
+
+def test_time_to_target_is_the_first_evaluation_that_reaches_it():
+    history = [{"step": 1, "train_s": 0.5}, {"step": 2, "train_s": 1.0, "val": {"oracle_accuracy": 0.5}},
+               {"step": 4, "train_s": 2.0, "val": {"oracle_accuracy": 0.92}},
+               {"step": 6, "train_s": 3.0, "val": {"oracle_accuracy": 0.95}}]  # fmt: skip
+    assert time_to_target(history, Target.parse("oracle_accuracy>=0.9")) == (
+        {"time_to_target_s": 2.0, "steps_to_target": 4}, None)  # fmt: skip
+    found, why = time_to_target(history, Target.parse("loss<=0.1"))
+    assert found["time_to_target_s"] is None and why == "no validation loss was computed"
+    found, why = time_to_target(history, Target.parse("oracle_accuracy >= 0.99"))
+    assert why == "not reached in 6 steps (best oracle_accuracy 0.95 at step 6)"
+
+
+def test_bad_bench_options_are_one_line_errors():
+    unknown = run_cli("bench", "--compare", "prefix,no-such-system")
+    assert unknown.returncode == 2 and "'no-such-system' is neither a recipe nor a system" in unknown.stderr
+    both = run_cli("bench", "--compare", "prefix", "--steps", "3", "--seconds", "2")
+    assert both.returncode == 2 and "--steps or --seconds, not both" in both.stderr
+    target = run_cli("bench", "--compare", "prefix", "--target", "accuracy=0.9")
+    assert target.returncode == 2 and "expected METRIC>=VALUE" in target.stderr
+    assert "Traceback" not in unknown.stderr + both.stderr + target.stderr
