@@ -10,13 +10,14 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefixcap.errors import CompositionError, PrefixcapError
 from prefixcap.recipe import ComponentSpec, Loc, Recipe, load_recipe
 from prefixcap.registry import get_component
 
 ComponentArg = str | Mapping[str, Any] | ComponentSpec | Any  # a name, a spec, or an already built module
+Weights = Literal["pretrained", "random", "none"]
 
 
 @dataclass
@@ -49,16 +50,29 @@ def compose(
     decoder: ComponentArg | None = None,
     losses: Sequence[ComponentArg] | None = None,
     overrides: Sequence[str] = (),
-    pretrained: bool = True,
+    pretrained: bool | None = None,
+    weights: Weights | None = None,
 ):
     """Build a System from a recipe and/or components given by name, by spec dict, or as built objects.
 
     ``compose(encoder={"name": "siglip", "checkpoint": "tiny"}, connector="mlp", decoder=my_decoder)``
-    Keyword components replace the recipe's sections. ``pretrained=False`` builds the architecture only, on the
-    meta device (no weights, no memory), which is what `prefixcap validate` does.
+    Keyword components replace the recipe's sections. ``weights``: ``"pretrained"`` (default) loads the
+    checkpoints; ``"none"`` builds the architecture only, on the meta device (no weights, no memory), which is what
+    `prefixcap validate` does; ``"random"`` builds the same architecture with randomly initialised weights in real
+    memory (cost measurements at real sizes with nothing downloaded). Components built from configs alone have no
+    tokenizer unless their checkpoint is ``tiny``. ``pretrained=True/False`` is the older spelling of
+    ``"pretrained"``/``"none"``.
     """
     import torch
     from torch import nn
+
+    if pretrained is not None and weights is not None:
+        raise TypeError("compose() takes weights= or pretrained=, not both")
+    if weights is None:
+        weights = "none" if pretrained is False else "pretrained"
+    elif weights not in ("pretrained", "random", "none"):
+        raise ValueError(f"weights must be 'pretrained', 'random' or 'none', not {weights!r}")
+    pretrained = weights == "pretrained"
 
     given = {"system": system, "encoder": encoder, "connector": connector, "decoder": decoder}
     objects: dict[str, Any] = {k: v for k, v in given.items() if isinstance(v, nn.Module)}
@@ -88,7 +102,7 @@ def compose(
 
     # A system takes the sections it uses; the prefix system needs all three, the cross-attention baseline
     # owns its models, so each system checks its own inputs.
-    with torch.device("meta") if not pretrained else nullcontext():
+    with torch.device("meta") if weights == "none" else nullcontext():
         enc = objects["encoder"] if "encoder" in objects else build(("encoder",), "encoder", recipe_.encoder,
                                                                     pretrained=pretrained)  # fmt: skip
         dec = objects["decoder"] if "decoder" in objects else build(("decoder",), "decoder", recipe_.decoder,
@@ -110,6 +124,12 @@ def compose(
             raise CompositionError("system must be given by name or spec; it is what compose() builds")
         built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
                       losses=loss_list, pretrained=pretrained)  # fmt: skip
+    if weights == "random":
+        # Random weights cannot be fetched again, so saving keeps them whole (as for `checkpoint: tiny`).
+        given_ids = {id(m) for m in [*objects.values(), *(loss_objects or [])]}
+        for _, part in built.parts():
+            if id(part) not in given_ids:
+                part.random_init = True
     built.recipe = recipe_
     built.generate_config = recipe_.generate
     return built
@@ -126,7 +146,7 @@ def _check_dims(encoder: Any, connector: Any, decoder: Any) -> None:
 
 def validate(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()) -> ValidationReport:
     """Dry run: resolve every component, build the architecture without weights, check it fits, count parameters."""
-    system = compose(recipe, overrides=overrides, pretrained=False)
+    system = compose(recipe, overrides=overrides, weights="none")
     r = system.recipe
     specs = {".".join(map(str, loc)): (kind, spec) for loc, kind, spec in r.components()}
     parts = []

@@ -185,3 +185,19 @@ def test_sampling_is_opt_in():
     assert len(set(greedy)) == 1  # same image, greedy: same caption
     sampled = system.caption(images, max_new_tokens=8, do_sample=True, top_k=50, temperature=2.0)
     assert len(set(sampled)) > 1  # a random model at temperature 2 does not repeat itself
+
+
+def test_random_weights_build_real_parameters_drawn_from_the_seed():
+    assert all(p.is_meta for p in compose(TINY, weights="none").parameters())
+    torch.manual_seed(0)
+    first = compose(TINY, weights="random")
+    torch.manual_seed(0)
+    same_seed = compose(TINY, weights="random")
+    next_draw = compose(TINY, weights="random")
+    params = dict(first.named_parameters())
+    assert params and not any(p.is_meta for p in params.values())
+    assert all(torch.equal(p, q) for p, q in zip(params.values(), same_seed.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(params.values(), next_draw.parameters()))
+    assert all(part.random_init for _, part in first.parts())  # saved whole: random weights cannot be re-fetched
+    loss, _ = first.loss(make_batch(first, ["a red circle"]))
+    assert torch.isfinite(loss)
