@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prefixcap import __version__
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import PrefixcapError, summary
 from prefixcap.registry import KINDS, list_components, registry
 
 out = Console()
@@ -235,6 +236,100 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
         table.add_row(*row)
     out.print(table)
     out.print(f"wrote {', '.join(result['files'].values())}", highlight=False)
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="RUN_OR_CHECKPOINT PATH...")
+@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False),
+              help="Caption with this ONNX export (greedy only); then there is no RUN_OR_CHECKPOINT.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl", show_default=True,
+              help="Rows as JSON lines, CSV with a header, or PATH<TAB>CAPTION lines.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the rows to FILE, not stdout.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
+@click.option("--beams", type=click.IntRange(min=1), metavar="K", help="Beam search with K beams.")
+@click.option("--sample", is_flag=True, help="Sample captions instead of searching for the likeliest.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), metavar="P", help="With --sample: nucleus P.")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), metavar="T", help="With --sample.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), metavar="N", help="Longest caption, in tokens.")
+@click.option("--tidy/--raw", default=True, show_default=True,
+              help="Tidy captions into alt text (no leading 'an image of', capital first, full stop) or leave them.")
+@click.option("--max-chars", type=click.IntRange(min=2), default=125, show_default=True, metavar="N",
+              help="With --tidy: cut longer captions at a word boundary.")
+@click.option("--score", is_flag=True, help="Add each caption's CLIP-S (with the run's eval.clip_model).")
+@click.option("--clip-model", metavar="NAME", help="The CLIPScore model for --score (implies it): a transformers "
+                                                   "CLIP/SigLIP id or directory, or open_clip:<model>/<tag>.")
+@_errors_to_exit_2
+def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str | None, batch_size: int,
+            beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
+            max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None):
+    """Write alt text for images with a trained system.
+
+    RUN_OR_CHECKPOINT is a run directory (its final/) or a saved system. Each PATH is an image file, a folder
+    (searched recursively), a glob pattern (** recursive), or - to read paths from stdin, one a line. Every image
+    gets a row, with an error instead of a caption when it cannot be read or captioned; the others go on. Generation
+    options default to the recipe's generate section. Exit code 0 when every image was captioned, 1 otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from prefixcap.caption import CaptionError, RowWriter, caption_paths, expand_paths, load_captioner, load_clip_scorer
+
+    if onnx_dir is None and len(args) < 2:
+        raise click.UsageError("give RUN_OR_CHECKPOINT and at least one PATH (or --onnx DIR and PATHs)")
+    if sample and (beams or 1) > 1:
+        raise click.UsageError("--beams and --sample exclude each other")
+    if not sample and (top_p is not None or temperature is not None):
+        raise click.UsageError("--top-p and --temperature apply only with --sample")
+    given = {"num_beams": beams, "top_p": top_p, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    generate: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if sample or beams:
+        generate["do_sample"] = sample  # --beams asks for a search even where the recipe samples
+    if onnx_dir is not None:
+        if sample or (beams or 1) > 1:
+            raise click.UsageError("--onnx captions greedily: --beams and --sample need RUN_OR_CHECKPOINT")
+        try:
+            from prefixcap.onnx_captioner import OnnxCaptioner
+        except ImportError as e:
+            raise CaptionError(f"--onnx: cannot load the ONNX captioner: {summary(e)}") from e
+        captioner, recipe, paths = OnnxCaptioner(onnx_dir), None, _with_stdin(args)
+        generate = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    else:
+        captioner = load_captioner(args[0])
+        recipe, paths = captioner.recipe, _with_stdin(args[1:])
+    scorer = load_clip_scorer(recipe, clip_model) if score or clip_model else None
+
+    # Rows on a terminal show the progress themselves; a bar would only fight them for the screen.
+    show_bar = err.is_terminal and (out_file is not None or not sys.stdout.isatty())
+    progress = Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, disable=not show_bar,
+                        redirect_stdout=False, redirect_stderr=False)  # fmt: skip
+    try:
+        sink = open(out_file, "w", encoding="utf-8", newline="") if out_file else contextlib.nullcontext(sys.stdout)
+    except OSError as e:
+        raise CaptionError(f"--out {out_file}: {e.strerror}") from None
+    total = failed = 0
+    clip_s: list[float] = []
+    with sink as stream, progress:
+        writer = RowWriter(stream, fmt, score=scorer is not None)
+        task = progress.add_task("caption", total=sum(1 for _ in expand_paths(paths)) if show_bar else None)
+        for row in caption_paths(captioner, paths, batch_size=batch_size, tidy=tidy, max_chars=max_chars,
+                                 scorer=scorer, **generate):  # fmt: skip
+            writer.write(row)
+            progress.advance(task)
+            total, failed = total + 1, failed + (row.error is not None)
+            clip_s += [row.clip_s] if row.clip_s is not None else []
+    summary_line = f"captioned {total - failed} of {total} image{'s' * (total != 1)}"
+    if failed:
+        summary_line += f"; {failed} error{'s' * (failed != 1)}"
+    if clip_s:
+        summary_line += f"; mean CLIP-S {sum(clip_s) / len(clip_s):.4f}"
+    err.print(summary_line, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1 if failed else 0)
+
+
+def _with_stdin(args: tuple[str, ...]) -> list[str]:
+    """PATH arguments with - replaced by the paths on stdin, one a line."""
+    paths: list[str] = []
+    for arg in args:
+        paths += [line.rstrip("\r\n") for line in sys.stdin if line.strip()] if arg == "-" else [arg]
+    return paths
 
 
 def main() -> None:

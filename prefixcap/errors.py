@@ -1,5 +1,9 @@
 """Domain errors. Each carries the message a user should read; the CLI prints it and exits with code 2."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class PrefixcapError(Exception):
     """Base of every error prefixcap reports to users (CLI: one line, exit code 2, no traceback)."""
@@ -25,6 +29,15 @@ class UnknownComponentError(PluginError):
 
 class CompositionError(PrefixcapError):
     """Components were found but do not fit together (dimensions, LoRA targets, missing parts)."""
+
+
+class ImageError(PrefixcapError):
+    """An input could not be read or converted to an RGB image; ``reason`` says why without naming the file, for
+    reports that show the path in a column of its own."""
+
+    def __init__(self, reason: str, path: str | Path | None = None):
+        self.reason, self.path = reason, path
+        super().__init__(reason if path is None else f"{path}: {reason}")
 
 
 def first_line(text: str) -> str:

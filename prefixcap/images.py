@@ -16,24 +16,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from prefixcap.errors import PrefixcapError
-
-
-class ImageError(PrefixcapError):
-    """An input could not be read or converted to an RGB image."""
+from prefixcap.errors import ImageError
+from prefixcap.image_io import open_image, to_rgb
 
 
 def to_rgb_tensor(image: Any) -> torch.Tensor:
     """PIL image, path, HxW/HxWxC array or CxHxW tensor -> float (3, H, W) in [0, 1]."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                image = im.convert("RGB")
-        except Exception as e:
-            raise ImageError(f"{image}: cannot read image: {e}") from e
+        image = open_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
