@@ -139,6 +139,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         y = e["values"].get(quality) if quality else 0.0
         left.scatter([x], [y], s=60)
         left.annotate(e["label"], (x, y), textcoords="offset points", xytext=(6, 4))
+    left.set_xlim(left=0)
+    if quality == "oracle_accuracy":
+        left.set_ylim(0, 1.05)
     left.set_xlabel("training samples/s (median, data excluded)")
     left.set_ylabel(f"{quality} (test)" if quality else "no quality metric for every entry")
     left.set_title("quality vs training throughput")
