@@ -324,6 +324,26 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str
     sys.exit(1 if failed else 0)
 
 
+@cli.command()
+@click.argument("source", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--int8", is_flag=True, help="Also write dynamic-int8 quantised graphs (*.int8.onnx).")
+@_errors_to_exit_2
+def export(source: str, out_dir: str, int8: bool):
+    """Export a trained system to ONNX: graphs, tokenizer and manifest.json, for `prefixcap caption --onnx DIR`.
+
+    Prefix systems (LoRA merged into the decoder) and the cross-attention baseline; see prefixcap/export.py."""
+    from prefixcap.export import export_system
+
+    manifest = export_system(source, out_dir, int8=int8)
+    table = Table(title=f"{out_dir}: {manifest['system']} system, {manifest['format']}", title_justify="left")
+    table.add_column("file")
+    table.add_column("MiB", justify="right")
+    for name, size in manifest["files"].items():
+        table.add_row(name, f"{size / 2**20:.2f}")
+    out.print(table)
+
+
 def _with_stdin(args: tuple[str, ...]) -> list[str]:
     """PATH arguments with - replaced by the paths on stdin, one a line."""
     paths: list[str] = []

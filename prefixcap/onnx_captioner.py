@@ -1,0 +1,170 @@
+"""Caption images with an exported system (prefixcap.export) on onnxruntime, with numpy, PIL and tokenizers only.
+
+    captioner = OnnxCaptioner("exported/quickstart")          # int8=True: the dynamically quantised graphs
+    captioner.caption([Image.open("photo.jpg").convert("RGB")])
+
+Nothing here imports torch (a test checks it), so a deployment needs neither torch nor transformers.
+
+Pixels are made as prefixcap.images.ImageProcessor makes them, from the manifest's numbers: RGB / 255, resized,
+clamped to [0, 1], centre-cropped, normalised. ImageProcessor resizes with torch (bicubic, antialiased, on floats);
+here PIL's float-mode BICUBIC does it, which agrees to ~2e-5 in [0, 1] but not bit for bit, so a caption of an image
+that needs resizing can differ from PyTorch's where two tokens are nearly tied. An image already at the model's
+input size is not resampled by either, and its pixels are identical.
+
+Decoding is greedy (the recipes' default): with the KV cache, until every caption has ended with EOS or
+``max_new_tokens`` (default: the recipe's) tokens were written; text is decoded as transformers decodes it (special
+tokens skipped, whitespace stripped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import Tokenizer
+
+from prefixcap.errors import PrefixcapError
+
+FORMAT = "prefixcap-onnx/1"
+# transformers' clean_up_tokenization (tokenization_utils_base), for tokenizers whose decode applies it; the export
+# decodes CLEAN_UP_PROBE both ways to find out.
+CLEAN_UPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # fmt: skip
+CLEAN_UP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
+PAST, PRESENT = "past_key_values.", "present."
+
+
+class ExportError(PrefixcapError):
+    """A system cannot be exported, or an export directory is missing, incomplete or of another format."""
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: not an exported captioner (no manifest.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: unreadable manifest: {e}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise ExportError(f"{path}: unknown format {found!r} (this prefixcap reads {FORMAT})")
+    return manifest
+
+
+class OnnxCaptioner:
+    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None):
+        """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core)."""
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        key = "int8_file" if int8 else "file"
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for name, graph in self.manifest["graphs"].items():
+            if key not in graph:
+                raise ExportError(f"{self.directory}: no int8 graphs (export with int8=True)")
+            path = self.directory / graph[key]
+            if not path.is_file():
+                raise ExportError(f"{self.directory}: {graph[key]} listed in the manifest is missing")
+            self.sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokens = self.manifest["tokens"]
+        self.tokenizer = Tokenizer.from_file(str(self.directory / self.tokens["tokenizer"]))
+        generate = self.manifest["generate"]
+        if generate["num_beams"] > 1 or generate["do_sample"] or generate["repetition_penalty"] != 1:
+            warnings.warn("the recipe asks for beam search, sampling or a repetition penalty; OnnxCaptioner decodes "
+                          "greedily", stacklevel=2)  # fmt: skip
+
+    def caption(self, images: list[Image.Image], max_new_tokens: int | None = None) -> list[str]:
+        """Alt text for RGB PIL images, one caption each."""
+        if not images:
+            return []
+        ids = self.generate(self.pixel_values(images), max_new_tokens)
+        decode = self.tokens["decode"]
+        texts = self.tokenizer.decode_batch(ids, skip_special_tokens=decode["skip_special_tokens"])
+        if decode["clean_up_tokenization_spaces"]:
+            for old, new in CLEAN_UPS:
+                texts = [t.replace(old, new) for t in texts]
+        return [t.strip() for t in texts] if decode["strip"] else texts
+
+    def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
+        """(B, 3, S, S) float32, as the manifest's preprocessing (prefixcap.images.ImageProcessor) makes them."""
+        return np.stack([self._pixels(image) for image in images])
+
+    def _pixels(self, image: Image.Image) -> np.ndarray:
+        spec = self.manifest["image"]
+        size = spec["size"]
+        x = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)  # (H, W, 3)
+        h, w = x.shape[:2]
+        scaled = math.floor(size / spec["crop_pct"])
+        if spec["resize"] == "squash":
+            nh = nw = scaled
+        else:  # "crop": shortest edge to size, then the centre
+            scale = scaled / min(h, w)
+            nh, nw = max(scaled, round(h * scale)), max(scaled, round(w * scale))
+        if (nh, nw) != (h, w):
+            channels = [Image.fromarray(np.ascontiguousarray(x[..., c])).resize((nw, nh), Image.Resampling.BICUBIC)
+                        for c in range(3)]  # fmt: skip
+            x = np.stack([np.asarray(c) for c in channels], axis=-1)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = np.clip(x[top : top + size, left : left + size], 0, 1)
+        mean, std = np.asarray(spec["mean"], dtype=np.float32), np.asarray(spec["std"], dtype=np.float32)
+        return ((x - mean) / std).transpose(2, 0, 1)
+
+    def generate(self, pixel_values: np.ndarray, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Greedy token ids per image, up to and including EOS."""
+        limit = max_new_tokens or self.manifest["generate"]["max_new_tokens"]
+        eos = self.tokens["eos_id"]
+        ids: list[list[int]] = [[] for _ in range(len(pixel_values))]
+        done = np.zeros(len(ids), dtype=bool)
+        logits, feed = self.start(pixel_values)
+        for step in range(limit):
+            new = logits.argmax(-1)
+            for i in np.flatnonzero(~done):
+                ids[i].append(int(new[i]))
+            done |= new == eos
+            if done.all() or step == limit - 1:
+                break
+            logits, feed = self.step(feed, new[:, None].astype(np.int64))
+        return ids
+
+    def start(self, pixel_values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The image's first decoder step (prefix and prompt ids, or the start token): logits (B, V) of the first
+        caption token, and what the next step feeds."""
+        batch = len(pixel_values)
+        image = self.run("vision_encoder", {"pixel_values": pixel_values})
+        feed = {}
+        for value in self.manifest["graphs"]["decoder"]["inputs"]:
+            if value["name"].startswith(PAST):  # empty past: every symbolic dim but the batch is the past length
+                shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in value["shape"]]
+                feed[value["name"]] = np.zeros(shape, dtype=value["dtype"])
+        if self.manifest["system"] == "prefix":
+            feed["prefix_embeds"] = self.run("connector", image)["prefix_embeds"]
+        else:
+            feed.update(image)  # the cross-attention keys and values, read on every step
+        prompt = np.asarray(self.tokens["prompt_ids"], dtype=np.int64)
+        return self.step(feed, np.tile(prompt, (batch, 1)))
+
+    def step(self, feed: dict[str, np.ndarray], input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One decoder step: input_ids (B, T) after the cached past -> logits (B, V) and the next step's feed."""
+        past = feed[f"{PAST}0.key"].shape[2]
+        prefix = feed["prefix_embeds"].shape[1] if "prefix_embeds" in feed else 0
+        mask = np.ones((len(input_ids), past + prefix + input_ids.shape[1]), dtype=np.int64)
+        outputs = self.run("decoder", {**feed, "input_ids": input_ids, "attention_mask": mask})
+        feed = {**feed, **{PAST + k.removeprefix(PRESENT): v for k, v in outputs.items() if k.startswith(PRESENT)}}
+        if "prefix_embeds" in feed:
+            feed["prefix_embeds"] = feed["prefix_embeds"][:, :0]  # the prefix is in the cache now
+        return outputs["logits"], feed
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph on the inputs it takes from ``feed``; outputs by name."""
+        session = self.sessions[graph]
+        outputs = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+        return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
