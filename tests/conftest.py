@@ -96,20 +96,24 @@ PLUGIN_FILES = {
 }
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory) -> Path:
-    """Directory that pip installed the test plugin distribution into (put it on sys.path to 'install' it)."""
-    src = tmp_path_factory.mktemp("plugin-src")
-    for rel, text in PLUGIN_FILES.items():
+def install_distribution(files: dict[str, str], src: Path, site: Path) -> Path:
+    """Write a distribution's ``files`` (dedented) under ``src`` and pip-install it into ``site``; returns ``site``."""
+    for rel, text in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(textwrap.dedent(text).lstrip())
-    site = tmp_path_factory.mktemp("plugin-site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(site), str(src)],
         check=True,
     )  # fmt: skip
     return site
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """Directory that pip installed the test plugin distribution into (put it on sys.path to 'install' it)."""
+    return install_distribution(PLUGIN_FILES, tmp_path_factory.mktemp("plugin-src"),
+                                tmp_path_factory.mktemp("plugin-site"))  # fmt: skip
 
 
 @pytest.fixture

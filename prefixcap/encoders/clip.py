@@ -107,6 +107,7 @@ class ClipEncoder(Encoder):
                              f"{type(visual).__name__} (for timm towers use the vit encoder)")  # fmt: skip
         visual.prune_intermediate_layers(indices=1, prune_head=True)  # the projection only serves the pooled vector
         self.model = visual
+        self.random_init = options.checkpoint == TINY  # random weights cannot be fetched again: save them
         self.freeze(visual.transformer.resblocks, visual.ln_post, options.unfreeze_last)
 
     @property

@@ -64,6 +64,7 @@ class VitEncoder(Encoder):
         self.options = options
         self.lr = options.unfreeze_lr
         self.model = load_timm_vit(options.model, options.checkpoint, pretrained=pretrained)
+        self.random_init = options.checkpoint == TINY  # random weights cannot be fetched again: save them
         if not all(hasattr(self.model, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")):
             raise ValueError(f"{options.model!r} is a timm {type(self.model).__name__}, not a Vision Transformer")
         self.freeze(self.model.blocks, self.model.norm, options.unfreeze_last)
