@@ -15,9 +15,11 @@ splits), and checked on held-out images of seed 0, the recipes' own:
   reads, and captioning is the objective that makes them say what a caption needs. The first attempt, SigLIP's
   sigmoid loss plus supervised read-outs of the pooled embedding and of each patch, left the kind of a shape poorly
   readable from the tokens (a linear probe told circle, square and triangle apart on 49% of shape patches) and a
-  quickstart decoder reached 46% exact-scene accuracy on it. The decoder trained here is thrown away; a separate
-  model scores the captioners (the CLIP above): scoring with the captioner's own encoder would reward its blind
-  spots.
+  quickstart decoder reached 46% exact-scene accuracy on it. Length is what matters for a ViT this small learning
+  shapes from scratch: captioning for 1,000 steps on 16,000 images left the captioner itself at 39% and the
+  quickstart at 46.5%; 4,000 steps on 32,000 images (65 min on one CPU core) gives 88% and 100%. The decoder
+  trained here is thrown away; a separate model scores the captioners (the CLIP above): scoring with the
+  captioner's own encoder would reward its blind spots.
 
     python -m prefixcap.data.shapes_pretrain            # rewrites prefixcap/assets/shapes-{siglip,clip}/
 """
@@ -282,18 +284,22 @@ def save(model, report: dict, out: Path) -> None:
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+SHIPPED = {"siglip": (32_000, 16), "clip": (16_000, 6)}  # (images, epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["siglip", "clip", "both"], default="both")
-    parser.add_argument("--images", type=int, default=16_000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--images", type=int, help="training images (default: siglip 32,000, clip 16,000)")
+    parser.add_argument("--epochs", type=int, help="passes over them (default: siglip 16, clip 6)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
     for kind in ("siglip", "clip") if args.kind == "both" else (args.kind,):
         train = train_siglip if kind == "siglip" else train_clip
-        model, report = train(args.images, args.epochs, args.batch, args.lr)
+        images, epochs = SHIPPED[kind]  # what the shipped models were trained with
+        model, report = train(args.images or images, args.epochs or epochs, args.batch, args.lr)
         print(json.dumps(report), flush=True)
         save(model, {"model": f"shapes-{kind}", **report}, args.out / f"shapes-{kind}")
 
