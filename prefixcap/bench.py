@@ -270,8 +270,7 @@ def time_to_target(history: list[dict[str, Any]], target: Target) -> tuple[dict[
     pick = max if target.higher_is_better else min
     best = pick(evals, key=lambda r: r["val"][target.metric])
     return {"time_to_target_s": None, "steps_to_target": None}, (
-        f"not reached in {history[-1]['step']} steps (best {target.metric} {best['val'][target.metric]:.3g} "
-        f"at step {best['step']})")  # fmt: skip
+        f"not reached in {history[-1]['step']} steps (best {best['val'][target.metric]:.3g}, step {best['step']})")
 
 
 def _dir_mb(path: Path) -> float:

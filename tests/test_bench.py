@@ -99,7 +99,7 @@ def test_time_to_target_is_the_first_evaluation_that_reaches_it():
     found, why = time_to_target(history, Target.parse("loss<=0.1"))
     assert found["time_to_target_s"] is None and why == "no validation loss was computed"
     found, why = time_to_target(history, Target.parse("oracle_accuracy >= 0.99"))
-    assert why == "not reached in 6 steps (best oracle_accuracy 0.95 at step 6)"
+    assert why == "not reached in 6 steps (best 0.95, step 6)"
 
 
 def test_bad_bench_options_are_one_line_errors():
