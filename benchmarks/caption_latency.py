@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import prefixcap  # noqa: E402
+from prefixcap.bench_report import git_revision, machine  # noqa: E402
 from prefixcap.data import ShapesOptions  # noqa: E402
 from prefixcap.data.shapes import ShapesSource  # noqa: E402
 from prefixcap.export import export_system  # noqa: E402
@@ -76,27 +75,6 @@ def torch_disk_bytes(system: torch.nn.Module, directory: Path) -> int:
 
 def onnx_disk_bytes(directory: Path, manifest: dict[str, Any], key: str) -> int:
     return sum((directory / graph[key]).stat().st_size for graph in manifest["graphs"].values())
-
-
-def git_revision() -> str:
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def main() -> int:

@@ -20,11 +20,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -39,6 +36,8 @@ import transformers  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
+from prefixcap.bench import peak_memory  # noqa: E402
+from prefixcap.bench_report import git_revision, machine  # noqa: E402
 from prefixcap.compose import compose  # noqa: E402
 from prefixcap.interfaces import Batch, System  # noqa: E402
 from prefixcap.systems.crossattn import CrossAttnSystem  # noqa: E402
@@ -53,7 +52,7 @@ FIGURES_NOTE = ("batch size / median time of a step after warm-up; training: Ada
                 "with the recipe's learning rates and gradient clipping, autocast at the precision above; generation: "
                 "greedy, pixels in, token ids out, same autocast")  # fmt: skip
 CUDA_MEMORY_NOTE = "torch.cuda.max_memory_allocated over warm-up and timed steps"
-CPU_MEMORY_NOTE = "peak RSS of the whole process (weights included), sampled from /proc/self/statm every 5 ms"
+CPU_MEMORY_NOTE = "peak RSS of the whole process (weights included), sampled from /proc/self/statm every 10 ms (prefixcap.bench.peak_memory)"
 
 
 def sync(device: torch.device) -> None:
@@ -61,44 +60,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory over a block: the CUDA allocator's peak, or on a CPU the whole process's resident set, sampled
-    every 5 ms (the kernel's own high-water mark cannot be reset between measurements)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak, self._stop = rss_bytes(), threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-
 def measure(step: Callable[[], object], batch_size: int, unit: str, args: argparse.Namespace,
             device: torch.device) -> dict[str, float]:  # fmt: skip
     """Median over ``args.steps`` timed calls after ``args.warmup`` untimed ones, and the peak memory of all."""
     times = []
-    with PeakMemory(device) as memory:
+    with peak_memory(device.type) as memory:
         for i in range(args.warmup + args.steps):
             sync(device)
             start = time.perf_counter()
@@ -108,7 +74,7 @@ def measure(step: Callable[[], object], batch_size: int, unit: str, args: argpar
                 times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {unit: round(batch_size / median, 3), "median_step_s": round(median, 5),
-            "peak_memory_mib": round(memory.peak / MIB, 1)}  # fmt: skip
+            "peak_memory_mib": round(memory["mb"], 1)}  # fmt: skip
 
 
 def random_batch(system: System, batch_size: int, device: torch.device, features: bool) -> Batch:
@@ -256,27 +222,6 @@ def ratios(prefix: dict[str, Any], crossattn: dict[str, Any]) -> dict[str, Any]:
                      if k in cell[m] and k in other[m]}  # fmt: skip
     params = {key: round(prefix[key] / crossattn[key], 4) for key in ("params_total", "params_trainable")}
     return {**params, "batch_sizes": cells}
-
-
-def git_revision() -> str:
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -47,11 +47,14 @@ def environment(device: str) -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
-    return {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
-                    "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "device": {"type": device, "name": name}, "versions": versions, "git_revision": git_revision(),
-    }  # fmt: skip
+    return {"machine": {**machine(), "torch_threads": torch.get_num_threads()}, "device": {"type": device, "name": name},
+            "versions": versions, "git_revision": git_revision()}  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    """What a CPU figure was measured on (benchmarks/ scripts record it too)."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
+            "cores": os.cpu_count()}  # fmt: skip
 
 
 def _cpu_name() -> str:

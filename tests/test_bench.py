@@ -51,7 +51,7 @@ def test_bench_json_has_every_figure_for_every_entry(report):
     assert saved["protocol"] == result["protocol"] and [e["label"] for e in saved["entries"]] == ["crossattn", "prefix"]
     env = saved["environment"]
     assert {"torch", "transformers", "peft", "onnxruntime"} <= env["versions"].keys()
-    assert env["device"]["type"] == "cpu" and env["machine"]["cpu_cores"] >= 1 and env["git_revision"]
+    assert env["device"]["type"] == "cpu" and env["machine"]["cores"] >= 1 and env["git_revision"]
     for entry in saved["entries"]:
         values, why = entry["values"], entry["why"]
         for key, _, _ in COLUMNS:  # a figure, or the reason there is none: never a silent gap
