@@ -1,0 +1,38 @@
+"""The conformance kit on smollm2-offline, in its real form (the GGUF's SmolLM2-135M-Instruct, converted once to the
+prefixcap cache), plus checks that the weights really are the pretrained ones.
+
+Run with `pytest -p prefixcap.testing plugins/prefixcap-smollm2/tests` (the kit is a pytest plugin)."""
+
+from __future__ import annotations
+
+import torch
+
+from prefixcap import create
+from prefixcap.recipe import GenerateConfig
+from prefixcap.testing import ComponentConformance
+
+
+class TestSmolLM2Offline(ComponentConformance):
+    # The real 135M model: the whole kit takes about a minute on 2 CPU cores, so no shrunken form is needed.
+    kind, name, options = "decoder", "smollm2-offline", {"lora": {"r": 4, "dropout": 0.0}}
+    distribution = "prefixcap-smollm2"
+    exports_onnx = True
+
+
+def test_pretrained_instruct_model_answers_through_inputs_embeds():
+    """Only the real instruction-tuned weights answer this; a random or mis-loaded model does not."""
+    decoder = create("decoder", "smollm2-offline", {}, pretrained=True).eval()
+    assert (decoder.hidden_size, decoder.lora_targets) == (576, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    tok = decoder.tokenizer
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(chat, return_tensors="pt").input_ids
+    with torch.no_grad():
+        new = decoder.generate(decoder.embed(ids), torch.ones_like(ids), GenerateConfig(max_new_tokens=8))
+    assert "Paris" in tok.decode(new[0])
+
+
+def test_meta_build_needs_no_weights():
+    with torch.device("meta"):
+        decoder = create("decoder", "smollm2-offline", {}, pretrained=False)
+    assert decoder.tokenizer is None and decoder.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in decoder.parameters()) > 130_000_000
