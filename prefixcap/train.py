@@ -118,7 +118,8 @@ def feature_cache_key(system: System, split: Split) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(system.encoder.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-dim tensor (BatchNorm's num_batches_tracked) has no last dimension to view as bytes
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(repr(system.encoder.image_processor).encode())
     h.update(split.pixels.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -222,3 +222,17 @@ def test_a_wall_clock_budget_ends_training_and_still_evaluates(tmp_path):
     assert result.steps == 1 and (tmp_path / "r" / "final").exists() and "test_loss" in result.metrics
     (row,) = result.history
     assert "val" in row and row["train_s"] > 0
+
+
+def test_feature_cache_key_hashes_encoders_with_batchnorm_counters():
+    # BatchNorm keeps a 0-dim num_batches_tracked buffer; the key must hash it (EfficientNet-style encoders have it).
+    from types import SimpleNamespace
+
+    from prefixcap.train import Split, feature_cache_key
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    split = Split("train", torch.zeros(2, 3, 8, 8), [["a"], ["b"]], [0, 1])
+    encoder = SimpleNamespace(state_dict=net.state_dict, image_processor="processor")
+    key = feature_cache_key(SimpleNamespace(encoder=encoder), split)
+    net[1].num_batches_tracked += 1
+    assert feature_cache_key(SimpleNamespace(encoder=encoder), split) != key
