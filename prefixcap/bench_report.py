@@ -7,9 +7,10 @@ import os
 import platform
 import subprocess
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from prefixcap.checkpoints import installed_versions
 
 # (key, what the table calls it, format); the order of the table's rows.
 COLUMNS: list[tuple[str, str, str]] = [
@@ -41,12 +42,9 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
-    versions = {}
-    for dist in ("prefixcap", "torch", "transformers", "peft", "accelerate", "onnxruntime"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
+    dists = ("prefixcap", "torch", "transformers", "peft", "accelerate", "onnxruntime")
+    found = installed_versions(dists)
+    versions = {dist: found.get(dist, "not installed") for dist in dists}
     return {"machine": {**machine(), "torch_threads": torch.get_num_threads()}, "device": {"type": device, "name": name},
             "versions": versions, "git_revision": git_revision()}  # fmt: skip
 

@@ -7,11 +7,13 @@ the published config.json under prefixcap/configs/, so validating the real-size 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from prefixcap.errors import CompositionError, summary
+from prefixcap.errors import CompositionError, PrefixcapError, summary
 
 TINY = "tiny"
 _SNAPSHOTS = Path(__file__).parent / "configs"
@@ -63,3 +65,42 @@ def fetch(load: Callable[[], T], checkpoint: str, what: str, tiny: bool = True) 
         )
         first = summary(e)
         raise CompositionError(f"cannot load {what} for {checkpoint!r}: {hint} ({first})") from e
+
+
+def packaged_file(module: str, pattern: str, missing: str) -> Path:
+    """The first file matching ``pattern`` inside the installed package ``module``, found without importing it (a
+    weights-carrying package's __init__ may import what a --no-deps install left out); ``missing`` says how to get it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompositionError(missing)
+    location = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(location.glob(pattern))
+    if not found:
+        raise CompositionError(f"no {pattern} file in the {module} package at {location}")
+    return found[0]
+
+
+def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], what: str) -> dict[str, Any]:
+    """``directory``/manifest.json, which must declare format ``fmt``; ``what`` names such a directory in errors."""
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{directory}: not {what} (no manifest.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable manifest: {e}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != fmt:
+        raise error(f"{path}: unknown format {found!r} (this prefixcap reads {fmt})")
+    return manifest
+
+
+def installed_versions(dists: tuple[str, ...]) -> dict[str, str]:
+    """Version of each of ``dists`` that is installed (a manifest or a figure names the code it came from)."""
+    found = {}
+    for dist in dists:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

@@ -33,7 +33,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from torch.export import Dim
 from transformers import DynamicCache, EncoderDecoderCache
 
 import prefixcap
+from prefixcap.checkpoints import installed_versions
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, FORMAT, ExportError
 from prefixcap.systems.crossattn import CrossAttnSystem
 from prefixcap.systems.prefix import PrefixSystem
@@ -326,10 +326,4 @@ def write_tokenizer(system: PrefixSystem | CrossAttnSystem, out: Path) -> tuple[
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for dist in ("prefixcap", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    return installed_versions(("prefixcap", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime"))

@@ -18,7 +18,6 @@ tokens skipped, whitespace stripped).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
+from prefixcap import checkpoints
 from prefixcap.errors import PrefixcapError
 
 FORMAT = "prefixcap-onnx/1"
@@ -45,17 +45,7 @@ class ExportError(PrefixcapError):
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{directory}: not an exported captioner (no manifest.json)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable manifest: {e}") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != FORMAT:
-        raise ExportError(f"{path}: unknown format {found!r} (this prefixcap reads {FORMAT})")
-    return manifest
+    return checkpoints.read_manifest(directory, FORMAT, ExportError, "an exported captioner")
 
 
 class OnnxCaptioner:

