@@ -284,9 +284,10 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[dic
     trainer = start(entry.recipe, run_dir=out / entry.label, fresh=True, report=report)
     setup = time.perf_counter() - tic
     device = trainer.accelerator.device.type
-    with peak_memory(device) as memory:
-        trainer.fit(report=report)
-    metrics = trainer.finish()
+    with trainer:  # releases the run directory's lock
+        with peak_memory(device) as memory:
+            trainer.fit(report=report)
+        metrics = trainer.finish()
     t = entry.recipe.train
     compute, total, timed = median_rates(trainer.step_times, t.batch_size * t.grad_accum)
     total_params, trainable = trainer.system.parameter_counts()

@@ -98,30 +98,82 @@ def save_system(system: Any, directory: Path) -> Path:
     where a complete one was."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    tmp = temporary_sibling(directory)
+    try:
+        tmp.mkdir()
+        files: dict[str, list[str]] = {}
+        for slot, part in system.parts():
+            written = part.save_trained(tmp / slot)
+            if written:
+                files[slot] = written
+        manifest = {
+            "format": FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "system": system.recipe.system.name,
+            "versions": _versions(),
+            "components": _components(system),
+            "files": files,
+            "recipe": system.recipe.to_dict(resolved=True),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing behind but the previous save
+        raise
+    return publish_dir(tmp, directory)
+
+
+# --- writes that are all or nothing ------------------------------------------------------------------------------
+# A run can die at any instruction (SIGKILL, the OOM killer, a full disk). Everything it leaves is written beside
+# its final name, flushed to disk, then renamed over it: a reader sees the old version or the new one, never a mix.
+# Leftover temporaries start with "." and end in ".tmp-<pid>" or ".old-<pid>", so a later run can sweep them.
+
+
+def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    tmp = path.parent / f".{path.name}.{kind}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files: dict[str, list[str]] = {}
-    for slot, part in system.parts():
-        written = part.save_trained(tmp / slot)
-        if written:
-            files[slot] = written
-    manifest = {
-        "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "system": system.recipe.system.name,
-        "versions": _versions(),
-        "components": _components(system),
-        "files": files,
-        "recipe": system.recipe.to_dict(resolved=True),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    return tmp
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+def publish_dir(tmp: Path, directory: Path) -> Path:
+    """Flush the complete directory ``tmp`` to disk and put it where ``directory`` was (replacing it)."""
+    _fsync_tree(tmp)
+    old = temporary_sibling(directory, "old")
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sweep_temporaries(directory: Path) -> list[Path]:
+    """Remove what writes interrupted in ``directory`` (and one level down) left behind; returns what it removed."""
+    found = [p for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*", "*/.*.old-*") for p in directory.glob(pattern)]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -23,7 +23,11 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,16 +39,27 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from prefixcap.compose import compose
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import PrefixcapError, summary
 from prefixcap.images import ImageError, to_rgb_tensor
 from prefixcap.interfaces import Batch, DatasetSource, System
 from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, ClipScorer
+from prefixcap.persist import publish_dir, save_system, sweep_temporaries, temporary_sibling, write_atomic
 from prefixcap.recipe import Recipe, load_recipe
 from prefixcap.registry import create
 
 
 class RunError(PrefixcapError):
     """A run cannot start or continue (unwritable directory, no data, diverged loss, ...)."""
+
+
+class RunInterrupted(RunError):
+    """SIGINT or SIGTERM stopped training after a complete step and a checkpoint; running again resumes there."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum  # what a shell reports for a process that signal ended
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
+                         "written: run the same command again to resume")  # fmt: skip
 
 
 @dataclass
@@ -143,10 +158,17 @@ def encode_split(system: System, split: Split, batch_size: int) -> Tensor:
     chunks = [system.encoder(split.pixels[i : i + batch_size].to(device)).cpu()
               for i in range(0, len(split), batch_size)]  # fmt: skip
     features = torch.cat(chunks)  # (N, T, D)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"features": features.contiguous()}, str(tmp))
-    tmp.replace(path)
+    # Two runs may encode the same split at once: each writes its own file and renames it into place (atomic on
+    # one file system), so a reader sees no file or a complete one, and the last writer's identical copy wins.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous()}, str(tmp))
+        tmp.replace(path)
+    except Exception as e:  # a full or read-only cache costs the cache, not the run
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot write the feature cache {path.parent}: {_os_reason(e)}; features are recomputed "
+                      "next time (PREFIXCAP_CACHE moves the cache)", stacklevel=2)  # fmt: skip
     return features
 
 
@@ -250,7 +272,29 @@ def _recipe_name(recipe: Recipe) -> str:
     return Path(recipe.source).stem if recipe.source != "<dict>" else "run"
 
 
+def _run_dir(recipe: Recipe, given: str | Path | None) -> Path:
+    """Where the run writes: ``given`` (--out), else the recipe's output.dir. A recipe file may come from anyone, so
+    its own output.dir must stay under the working directory; a place outside it is the user's to choose, with --out
+    or --set output.dir=..."""
+    if given is not None:
+        return Path(given)
+    raw = recipe.output.dir
+    try:
+        path = Path(raw.format(recipe=_recipe_name(recipe)))
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r}: the only placeholder is "
+                       f"{{recipe}} ({summary(e)})") from None  # fmt: skip
+    from_file = recipe.source != "<dict>" and ("output", "dir") not in recipe._overridden
+    if from_file and (path.is_absolute() or ".." in path.parts):
+        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r} leaves the working directory; a "
+                       "recipe writes only below it unless you choose the place: --out DIR or --set output.dir=DIR")
+    return path
+
+
 def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    if fresh and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "recipe.resolved.yaml").exists():
+        raise RunError(f"--fresh would delete {run_dir}, which is not a prefixcap run directory (no "
+                       "recipe.resolved.yaml): remove it yourself or choose another --out")  # fmt: skip
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
@@ -262,13 +306,40 @@ def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
         raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
 
 
+def _lock_run_dir(run_dir: Path):
+    """Hold run_dir/.lock for the life of the returned file: a second run on the same directory would interleave
+    checkpoints and logs with this one, so it is refused. The lock dies with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one run per directory is then the user's to keep
+        return None
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise RunError(f"run directory {run_dir} is in use by another prefixcap run (pid {holder}): wait for it to "
+                       "end, or choose another --out") from None  # fmt: skip
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     done = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _os_reason(error: BaseException) -> str:
+    """Why a write failed, in a few words (safetensors wraps the OSError's text in its own message)."""
+    return (error.strerror if isinstance(error, OSError) and error.strerror else None) or summary(error)
 
 
 def _launched_processes() -> int:
@@ -302,6 +373,7 @@ class Run:
         from accelerate import Accelerator
 
         self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
+        self.lock = None  # run_dir/.lock while this run may write there (set by start())
         self.tensorboard = recipe.output.tensorboard is not False and _tensorboard_installed()
         if recipe.output.tensorboard and not self.tensorboard:
             raise RunError(f"{recipe.location(('output', 'tensorboard'))}: output.tensorboard is true but the "
@@ -345,28 +417,49 @@ class Run:
         # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
         self.best: dict[str, Any] = {"value": None, "step": None, "stale": 0}
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let another run use the run directory."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     # checkpoints
     def save_checkpoint(self) -> Path:
-        from prefixcap.persist import save_system
-
+        """Write checkpoints/step-N completely or not at all; the previous checkpoints stay as they were."""
+        bad = [n for n, p in self.system.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # a checkpoint to resume from must not be one that diverged
+            raise RunError(f"weights are not finite after step {self.step} ({bad[0]}); not saving them. Last good "
+                           f"checkpoint: {latest_checkpoint(self.run_dir) or 'none'}. Try a lower train.lr")  # fmt: skip
         final = self.run_dir / "checkpoints" / f"step-{self.step:07d}"
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_system(self.system, tmp / "system")
-        tensors, meta = optimizer_tensors(self.optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": meta,
-                 "history": self.history, "best": self.best,
-                 "grad_scaler": self.scaler.state_dict() if self.scaler else None}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # written last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        tmp = temporary_sibling(final)
+        try:
+            save_system(self.system, tmp / "system")
+            tensors, meta = optimizer_tensors(self.optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": meta,
+                     "history": self.history, "best": self.best,
+                     "grad_scaler": self.scaler.state_dict() if self.scaler else None}  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # last: marks it complete
+            publish_dir(tmp, final)
+        except Exception as e:  # a full disk, a quota, a vanished mount: say so, keep what was there
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(f"cannot write checkpoint {final}: {_os_reason(e)}; the previous checkpoint "
+                           f"({latest_checkpoint(self.run_dir) or 'none'}) is intact: free space and run the same "
+                           "command again to resume from it") from e  # fmt: skip
         keep = self.recipe.output.keep_last
         done = sorted((p for p in final.parent.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-keep]:
             if int(old.name.split("-")[1]) != self.best["step"]:  # the best one is kept besides the last K
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = temporary_sibling(old, "old")  # renamed first: a kill mid-delete leaves no half checkpoint
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         return final
 
     def resume(self, checkpoint: Path) -> None:
@@ -499,48 +592,89 @@ class Run:
     def fit(self, stop_after: int | None = None, report=print) -> None:
         """Train to train.steps (or stop early after ``stop_after`` steps, as an interruption would)."""
         t, out, ev = self.recipe.train, self.recipe.output, self.recipe.eval
-        log = (self.run_dir / "log.jsonl").open("a") if self.main else None
-        tensorboard = self.tensorboard_writer() if self.main and self.tensorboard else None
         every_eval = ev.every_steps or t.steps
         started, seen = time.perf_counter(), 0
-        while not self.done():
-            loss = self.train_step()
-            seen += t.batch_size * t.grad_accum
-            last = self.step == t.steps or self.out_of_time()
-            row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
-                                   "train_s": round(self.train_seconds, 4)}  # fmt: skip
-            if self.step % out.log_every_steps == 0 or last:
-                row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
-                report(row)
-            improved = False
-            if self.step % every_eval == 0 or last:
-                metrics, _ = self.evaluate(self.val_split)
-                row["val"] = {k: round(v, 6) for k, v in metrics.items()}
-                report({"step": self.step, "val": row["val"]})
-                improved = self.track_best(metrics.get(ev.metric))
-            self.history.append(row)  # before any checkpoint, which keeps the history it was saved with
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context((self.run_dir / "log.jsonl").open("a")) if self.main else None
+            tensorboard = self.tensorboard_writer() if self.main and self.tensorboard else None
             if tensorboard:
-                scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "val")}
-                scalars.update({f"val/{k}": v for k, v in row.get("val", {}).items()})
-                for tag, value in scalars.items():
-                    tensorboard.add_scalar(tag, value, self.step)
-            stop = self.stopped_early()
-            periodic = bool(out.save_every_steps) and self.step % out.save_every_steps == 0
-            if self.main and (improved or periodic or stop or last):
-                self.save_checkpoint()
-            if stop:
-                report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {self.best['stale']} "
-                                                         "evaluations"})  # fmt: skip
-                break
-            if stop_after is not None and self.step >= stop_after:
-                break
-        if log:
-            log.close()
-        if tensorboard:
-            tensorboard.close()
+                stack.callback(tensorboard.close)
+            stack.enter_context(self.signals_end_the_step())
+            while not self.done():
+                loss = self.train_step()
+                seen += t.batch_size * t.grad_accum
+                last = self.step == t.steps or self.out_of_time()
+                row: dict[str, Any] = {"step": self.step, "loss": round(loss, 6),
+                                       "lr": self.scheduler.get_last_lr()[0], "train_s": round(self.train_seconds, 4)}
+                if self.step % out.log_every_steps == 0 or last:
+                    row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
+                    report(row)
+                improved = False
+                if self.step % every_eval == 0 or last:
+                    metrics, _ = self.evaluate(self.val_split)
+                    row["val"] = {k: round(v, 6) for k, v in metrics.items()}
+                    report({"step": self.step, "val": row["val"]})
+                    improved = self.track_best(metrics.get(ev.metric))
+                self.history.append(row)  # before any checkpoint, which keeps the history it was saved with
+                if log:
+                    try:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    except OSError as e:
+                        raise RunError(f"cannot write {self.run_dir / 'log.jsonl'}: {_os_reason(e)}; the last "
+                                       f"checkpoint ({latest_checkpoint(self.run_dir) or 'none'}) is intact: free "
+                                       "space and run the same command again to resume from it") from e  # fmt: skip
+                if tensorboard:
+                    scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "val")}
+                    scalars.update({f"val/{k}": v for k, v in row.get("val", {}).items()})
+                    for tag, value in scalars.items():
+                        tensorboard.add_scalar(tag, value, self.step)
+                stop = self.stopped_early()
+                periodic = bool(out.save_every_steps) and self.step % out.save_every_steps == 0
+                signum = self.signal_received()
+                if self.main and (improved or periodic or stop or last or signum):
+                    self.save_checkpoint()
+                if signum:
+                    raise RunInterrupted(signum, self.step, latest_checkpoint(self.run_dir))
+                if stop:
+                    stale = self.best["stale"]
+                    report({"step": self.step, "early_stop": f"{ev.metric} did not improve for {stale} evaluations"})
+                    break
+                if stop_after is not None and self.step >= stop_after:
+                    break
+
+    @contextlib.contextmanager
+    def signals_end_the_step(self):
+        """While training, SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's pre-emption notice) end the run after the
+        current step and a checkpoint, instead of wherever the signal lands. The first one restores the previous
+        handlers, so a second signal stops a run that is stuck the usual way."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may handle signals (a run started from a worker thread keeps the defaults)
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+        def handler(signum, frame) -> None:
+            self._signal = signum
+            restore()
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            restore()
+
+    def signal_received(self) -> int:
+        """The signal that asked this run to stop (0: none); under data parallelism, any process's, so all stop."""
+        if self.accelerator.num_processes == 1:
+            return self._signal
+        got = torch.tensor(self._signal, device=self.accelerator.device)
+        return int(self.accelerator.reduce(got, "max"))
 
     def tensorboard_writer(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -558,8 +692,8 @@ class Run:
         metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
                         "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
         if self.main:
-            self.system.save(self.run_dir / "final")
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            save_system(self.system, self.run_dir / "final")
+            write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             _write_jsonl(self.run_dir / "samples.jsonl", samples)
             plot_curves(self.history, self.run_dir / "curves.png")
         self.accelerator.wait_for_everyone()  # so that every process returns with the run directory complete
@@ -605,18 +739,25 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
     from accelerate import PartialState
 
     state = PartialState(cpu=_on_cpu())  # under torchrun or `accelerate launch`: joins the other processes
-    run_dir = Path(run_dir or recipe.output.dir.format(recipe=_recipe_name(recipe)))
+    run_dir = _run_dir(recipe, run_dir)
+    lock = None
     if state.is_main_process:
+        if not fresh and run_dir.is_dir():
+            lock = _lock_run_dir(run_dir)  # before --fresh deletes anything a live run is using
         _prepare_run_dir(run_dir, fresh)
-        (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
+        lock = lock or _lock_run_dir(run_dir)
+        sweep_temporaries(run_dir)  # what a killed run was writing; with the lock held, nobody else is
+        sweep_temporaries(run_dir / "checkpoints")
+        write_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
     state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
     trainer = Run(recipe, run_dir)
+    trainer.lock = lock
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         report({"resume": str(checkpoint)})
         trainer.resume(checkpoint)
     elif state.is_main_process:
-        (run_dir / "log.jsonl").write_text("")
+        write_atomic(run_dir / "log.jsonl", "")
     return trainer
 
 
@@ -628,9 +769,10 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
     if not PartialState(cpu=_on_cpu()).is_main_process:
         report = _quiet  # one process speaks for the run
     trainer = start(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
-    report({"total_steps": trainer.recipe.train.steps, "step": trainer.step})
-    trainer.fit(stop_after, report)
-    if not trainer.done():  # stopped after `stop_after` steps, as an interruption would
-        return RunResult(trainer.run_dir, {}, trainer.step, trainer.history, trainer.main)
-    metrics = trainer.finish()
+    with trainer:
+        report({"total_steps": trainer.recipe.train.steps, "step": trainer.step})
+        trainer.fit(stop_after, report)
+        if not trainer.done():  # stopped after `stop_after` steps, as an interruption would
+            return RunResult(trainer.run_dir, {}, trainer.step, trainer.history, trainer.main)
+        metrics = trainer.finish()
     return RunResult(trainer.run_dir, metrics, trainer.step, trainer.history, trainer.main)
