@@ -313,7 +313,10 @@ def _lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # Windows: no advisory locks here; one run per directory is then the user's to keep
         return None
-    lock = open(run_dir / ".lock", "a+")
+    try:
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:  # a read-only directory that holds an earlier run
+        raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ from prefixcap.image_io import open_image
 from prefixcap.recipe import load_recipe
 
 from conftest import REPO, fit_batch, run_cli
+from image_files import (animated_gif, cmyk_jpeg, palette_png, rgba_png, saved_image, sixteen_bit_png,
+                         truncated_jpeg, write_inputs)  # fmt: skip
 
 TINY = {
     "encoder": {"name": "siglip", "checkpoint": "tiny"},
@@ -43,76 +44,6 @@ def system():
 @pytest.fixture(scope="module")
 def saved(system, tmp_path_factory) -> Path:
     return system.save(tmp_path_factory.mktemp("system") / "final")
-
-
-# --- files a folder of web images holds ------------------------------------------------------------------------
-
-
-def sixteen_bit_png(path: Path) -> Path:
-    Image.fromarray(np.array([[0, 25700, 65535]], dtype=np.uint16)).save(path)  # 16-bit greyscale PNG
-    return path
-
-
-def palette_png(path: Path) -> Path:
-    image = Image.frombytes("P", (2, 1), bytes([0, 1]))
-    image.putpalette([0, 0, 0, 255, 0, 0])
-    image.save(path, transparency=0)  # index 0 (black) is transparent
-    return path
-
-
-def rgba_png(path: Path) -> Path:
-    pixels = np.array([[[0, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 128]]], dtype=np.uint8)
-    Image.fromarray(pixels, "RGBA").save(path)
-    return path
-
-
-def cmyk_jpeg(path: Path) -> Path:
-    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path)  # red in ink
-    return path
-
-
-def animated_gif(path: Path) -> Path:
-    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
-    red.save(path, save_all=True, append_images=[blue], duration=100, loop=0)
-    return path
-
-
-def truncated_jpeg(path: Path) -> Path:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buffer, "JPEG")
-    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    return path
-
-
-def saved_image(path: Path, image: Image.Image) -> Path:
-    image.save(path)
-    return path
-
-
-def write_inputs(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files that caption, files that cannot): every kind of input this command must survive."""
-    folder.mkdir(parents=True, exist_ok=True)
-    good = [
-        saved_image(folder / "red.png", Image.new("RGB", (40, 40), "red")),
-        saved_image(folder / "grey.png", Image.new("L", (40, 40), 90)),
-        rgba_png(folder / "rgba.png"),
-        palette_png(folder / "palette.png"),
-        sixteen_bit_png(folder / "sixteen.png"),
-        cmyk_jpeg(folder / "cmyk.jpg"),
-        animated_gif(folder / "animated.gif"),
-        saved_image(folder / "one-pixel.png", Image.new("RGB", (1, 1), "red")),
-        saved_image(folder / "wide.png", Image.new("RGB", (10000, 10), "red")),
-    ]
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "text.png").write_text("not an image, whatever its name says\n")
-    bad = [
-        truncated_jpeg(folder / "truncated.jpg"),
-        folder / "empty.png",
-        folder / "text.png",
-        saved_image(folder / "bomb.png", Image.new("RGB", (500, 500), "red")),  # over the limit the tests set
-        folder / "missing.jpg",
-    ]
-    return good, bad
 
 
 # --- open_image ------------------------------------------------------------------------------------------------
