@@ -141,6 +141,18 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` survive a power cut (the file's own fsync does not cover its name)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are journalled by NTFS
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish_dir(tmp: Path, directory: Path) -> Path:
     """Flush the complete directory ``tmp`` to disk and put it where ``directory`` was (replacing it)."""
     _fsync_tree(tmp)
@@ -148,6 +160,7 @@ def publish_dir(tmp: Path, directory: Path) -> Path:
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
+    _fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
 
@@ -160,6 +173,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
