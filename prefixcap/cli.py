@@ -328,20 +328,39 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str
 @click.argument("source", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--int8", is_flag=True, help="Also write dynamic-int8 quantised graphs (*.int8.onnx).")
+@click.option("--web", is_flag=True, help="Also write a static page that captions images in the browser with "
+                                          "onnxruntime-web (int8 graphs unless --web-fp32); serve DIR to use it.")
+@click.option("--web-fp32", is_flag=True, help="With --web: write only the fp32 graphs and have the page load them.")
+@click.option("--ort-dist", type=click.Path(file_okay=False),
+              help="With --web: onnxruntime-web's dist/ folder to copy the runtime from (default: $PREFIXCAP_ORT_DIST, "
+                   "else web/node_modules/onnxruntime-web/dist of the source checkout, from `npm ci --prefix web`).")
 @_errors_to_exit_2
-def export(source: str, out_dir: str, int8: bool):
+def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort_dist: str | None):
     """Export a trained system to ONNX: graphs, tokenizer and manifest.json, for `prefixcap caption --onnx DIR`.
 
-    Prefix systems (LoRA merged into the decoder) and the cross-attention baseline; see prefixcap/export.py."""
-    from prefixcap.export import export_system
+    Prefix systems (LoRA merged into the decoder) and the cross-attention baseline; see prefixcap/export.py. With
+    --web, DIR is also a static captioning page (prefixcap/web_demo.py): `python -m http.server -d DIR`."""
+    if not web and (web_fp32 or ort_dist):
+        raise click.UsageError("--web-fp32 and --ort-dist apply only with --web")
+    if web_fp32 and int8:
+        raise click.UsageError("--web-fp32 writes the fp32 graphs only; leave out --int8")
+    if web:
+        from prefixcap.web_demo import export_web
 
-    manifest = export_system(source, out_dir, int8=int8)
+        manifest = export_web(source, out_dir, int8=not web_fp32, ort_dist=ort_dist)
+    else:
+        from prefixcap.export import export_system
+
+        manifest = export_system(source, out_dir, int8=int8)
     table = Table(title=f"{out_dir}: {manifest['system']} system, {manifest['format']}", title_justify="left")
     table.add_column("file")
     table.add_column("MiB", justify="right")
     for name, size in manifest["files"].items():
         table.add_row(name, f"{size / 2**20:.2f}")
     out.print(table)
+    if web:
+        out.print(f"serve it: python -m http.server -d {out_dir}, then open http://localhost:8000/", highlight=False,
+                  soft_wrap=True)
 
 
 def _with_stdin(args: tuple[str, ...]) -> list[str]:

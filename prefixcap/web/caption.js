@@ -1,0 +1,335 @@
+// Captions images in the browser with an export written by `prefixcap export RUN --out DIR --web`.
+//
+// A port of prefixcap/onnx_captioner.py (OnnxCaptioner), which is the reference: the same preprocessing from
+// manifest.json (its resize is PIL's float bicubic, ported below bit for bit), the same greedy decoding with the KV
+// cache, and the same text as tokenizers' decode, from the token table the export wrote and checked
+// (prefixcap/web_demo.py). Plain ES module, no build step; onnxruntime-web is loaded from the export's ort/ folder.
+
+export class Captioner {
+  // base: the export folder's URL; graphs: 'int8' or 'fp32' (default: the export's choice, manifest.web.graphs).
+  static async load(base, { graphs } = {}) {
+    const manifest = await fetchJson(new URL('manifest.json', base));
+    const web = manifest.web;
+    const ort = await import(new URL(web.runtime.module, base).href);
+    ort.env.wasm.wasmPaths = new URL(web.runtime.wasm_paths, base).href; // never a CDN
+    // More threads need SharedArrayBuffer, which browsers only give cross-origin isolated pages: headers that
+    // `python -m http.server` does not send.
+    ort.env.wasm.numThreads = web.runtime.threads;
+    graphs = graphs || web.graphs;
+    const key = graphs === 'int8' ? 'int8_file' : 'file';
+    const sessions = {};
+    for (const [name, graph] of Object.entries(manifest.graphs)) {
+      if (!graph[key]) throw new Error(`this export has no ${graphs} ${name} graph`);
+      const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
+      const data = graph[key] + '.data'; // weights over 1.5 GB live next to the graph (prefixcap/export.py)
+      if (data in manifest.files) options.externalData = [{ path: data, data: new URL(data, base).href }];
+      sessions[name] = await ort.InferenceSession.create(new URL(graph[key], base).href, options);
+    }
+    const table = await fetchJson(new URL(web.tokens, base));
+    return new Captioner(ort, manifest, sessions, table, graphs);
+  }
+
+  constructor(ort, manifest, sessions, table, graphs) {
+    Object.assign(this, { ort, manifest, sessions, table, graphs });
+    this.tokens = manifest.tokens;
+    this.skip = new Set(table.skip);
+  }
+
+  // One image file -> { caption, ids, ms }: ms counts preprocessing, the graphs and decoding, not reading the file.
+  async captionFile(file) {
+    const image = await readImage(file);
+    const start = performance.now();
+    const ids = await this.generate(this.pixelValues(image));
+    const caption = this.decode(ids);
+    return { caption, ids, ms: performance.now() - start };
+  }
+
+  // (1, 3, S, S) float32, as OnnxCaptioner._pixels makes them: RGB / 255, resized if not already at the size
+  // (squash, or shortest edge to size / crop_pct then the centre), clamped to [0, 1], normalised.
+  pixelValues({ rgba, width: w, height: h }) {
+    const spec = this.manifest.image;
+    const size = spec.size;
+    const scaled = Math.floor(size / spec.crop_pct);
+    let nh, nw;
+    if (spec.resize === 'squash') {
+      nh = nw = scaled;
+    } else {
+      const scale = scaled / Math.min(h, w);
+      nh = Math.max(scaled, pyRound(h * scale));
+      nw = Math.max(scaled, pyRound(w * scale));
+    }
+    const top = Math.floor((nh - size) / 2);
+    const left = Math.floor((nw - size) / 2);
+    const out = new Float32Array(3 * size * size);
+    for (let c = 0; c < 3; c++) {
+      let plane = new Float32Array(w * h);
+      for (let i = 0; i < w * h; i++) plane[i] = rgba[4 * i + c] / 255; // float32 of v / 255, as numpy's
+      if (nh !== h || nw !== w) plane = resizeBicubic(plane, w, h, nw, nh);
+      const mean = Math.fround(spec.mean[c]);
+      const std = Math.fround(spec.std[c]);
+      for (let y = 0; y < size; y++) {
+        for (let x = 0; x < size; x++) {
+          const v = Math.min(Math.max(plane[(top + y) * nw + left + x], 0), 1);
+          out[(c * size + y) * size + x] = Math.fround(v - mean) / std; // stored as float32, as numpy rounds
+        }
+      }
+    }
+    return new this.ort.Tensor('float32', out, [1, 3, size, size]);
+  }
+
+  // Greedy ids up to and including EOS (OnnxCaptioner.generate for one image).
+  async generate(pixelValues, maxNewTokens) {
+    const limit = maxNewTokens || this.manifest.generate.max_new_tokens;
+    const ids = [];
+    let [logits, feed] = await this.start(pixelValues);
+    for (let step = 0; step < limit; step++) {
+      const next = argmax(logits.data);
+      ids.push(next);
+      if (next === this.tokens.eos_id || step === limit - 1) break;
+      [logits, feed] = await this.step(feed, [next]);
+    }
+    return ids;
+  }
+
+  // The image's first decoder step: logits of the first caption token, and what the next step feeds.
+  async start(pixelValues) {
+    const image = await this.run('vision_encoder', { pixel_values: pixelValues });
+    const feed = {};
+    for (const value of this.manifest.graphs.decoder.inputs) {
+      if (value.name.startsWith('past_key_values.')) { // empty past: every symbolic dim but the batch is its length
+        const shape = value.shape.map((d) => (d === 'batch' ? 1 : typeof d === 'string' ? 0 : d));
+        feed[value.name] = this.tensor(value.dtype, [], shape);
+      }
+    }
+    if (this.manifest.system === 'prefix') {
+      feed.prefix_embeds = (await this.run('connector', image)).prefix_embeds;
+    } else {
+      Object.assign(feed, image); // the cross-attention keys and values, read on every step
+    }
+    return this.step(feed, this.tokens.prompt_ids);
+  }
+
+  // One decoder step: ids after the cached past -> [logits (1, V), the next step's feed].
+  async step(feed, ids) {
+    const past = feed['past_key_values.0.key'].dims[2];
+    const prefix = feed.prefix_embeds ? feed.prefix_embeds.dims[1] : 0;
+    const inputIds = this.tensor('int64', ids.map(BigInt), [1, ids.length]);
+    const mask = this.tensor('int64', Array(past + prefix + ids.length).fill(1n), [1, past + prefix + ids.length]);
+    const outputs = await this.run('decoder', { ...feed, input_ids: inputIds, attention_mask: mask });
+    const next = { ...feed };
+    for (const [name, value] of Object.entries(outputs)) {
+      if (name.startsWith('present.')) next['past_key_values.' + name.slice('present.'.length)] = value;
+    }
+    if (next.prefix_embeds) { // the prefix is in the cache now
+      next.prefix_embeds = this.tensor('float32', [], [1, 0, feed.prefix_embeds.dims[2]]);
+    }
+    return [outputs.logits, next];
+  }
+
+  async run(graph, feed) {
+    const session = this.sessions[graph];
+    return session.run(Object.fromEntries(session.inputNames.map((name) => [name, feed[name]])));
+  }
+
+  tensor(dtype, values, dims) {
+    const arrays = { float32: Float32Array, int64: BigInt64Array };
+    return new this.ort.Tensor(dtype, arrays[dtype].from(values), dims);
+  }
+
+  // Token ids -> text, as OnnxCaptioner.caption decodes (prefixcap/web_demo.py: decode_like_js is this, in Python).
+  decode(ids) {
+    const t = this.table;
+    const pieces = ids.filter((id) => !this.skip.has(id) && t.pieces[id] != null).map((id) => t.pieces[id]);
+    let text;
+    if (t.decoder === 'byte-level') {
+      const bytes = pieces.flatMap(pieceBytes);
+      // Invalid UTF-8 becomes U+FFFD as in tokenizers (and Python's errors='replace'); a BOM is text, not dropped.
+      text = new TextDecoder('utf-8', { ignoreBOM: true }).decode(new Uint8Array(bytes));
+    } else if (t.decoder === 'metaspace') {
+      text = pieces.map((p, i) => p.replaceAll(t.replacement, i === 0 && t.prepend ? '' : ' ')).join('');
+    } else {
+      text = pieces.join(' ');
+    }
+    for (const [old, replacement] of t.clean_ups) text = text.replaceAll(old, replacement);
+    return stripChars(text, t.strip);
+  }
+}
+
+// The file's pixels as RGBA bytes, upright as its EXIF orientation says, transparency composited over white, colours
+// as stored (prefixcap/image_io.py: open_image and to_rgb).
+export async function readImage(file) {
+  const bitmap = await createImageBitmap(file, {
+    colorSpaceConversion: 'none', premultiplyAlpha: 'none', imageOrientation: 'from-image',
+  });
+  const { width, height } = bitmap;
+  const canvas = new OffscreenCanvas(width, height);
+  const context = canvas.getContext('2d', { willReadFrequently: true });
+  // Drawn over an opaque white canvas: round(c * a / 255) + 255 - a per channel, which is also what PIL's
+  // alpha_composite over white computes; reading a transparent canvas back would lose colour to premultiplication.
+  context.fillStyle = '#ffffff';
+  context.fillRect(0, 0, width, height);
+  context.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  return { rgba: context.getImageData(0, 0, width, height).data, width, height };
+}
+
+// PIL's Image.resize(..., BICUBIC) of a float ('F' mode) image, as libImaging/Resample.c computes it: separable,
+// each output a float32 sum in double precision of float32 inputs times normalised double weights of the a = -0.5
+// cubic, whose support widens by the scale factor when downscaling (antialiasing). The order of the two passes
+// changes the last bits; this is Pillow 13's: vertical first when the height shrinks by more than twice as many
+// pixels as the width (Pillow 12 and older always went horizontal first).
+export function resizeBicubic(src, w, h, nw, nh) {
+  const horizontalFirst = !(h - nh > 0 && h - nh > (w - nw) * 2);
+  let image = src;
+  let width = w;
+  const horizontal = () => {
+    if (nw === w) return;
+    const rows = image.length / width;
+    const { bounds, weights, ksize } = coefficients(w, nw);
+    const out = new Float32Array(nw * rows);
+    for (let y = 0; y < rows; y++) {
+      for (let x = 0; x < nw; x++) {
+        const [xmin, n] = [bounds[2 * x], bounds[2 * x + 1]];
+        let sum = 0;
+        for (let k = 0; k < n; k++) sum += image[y * w + xmin + k] * weights[x * ksize + k];
+        out[y * nw + x] = sum;
+      }
+    }
+    [image, width] = [out, nw];
+  };
+  const vertical = () => {
+    if (nh === h) return;
+    const { bounds, weights, ksize } = coefficients(h, nh);
+    const out = new Float32Array(width * nh);
+    for (let y = 0; y < nh; y++) {
+      const [ymin, n] = [bounds[2 * y], bounds[2 * y + 1]];
+      for (let x = 0; x < width; x++) {
+        let sum = 0;
+        for (let k = 0; k < n; k++) sum += image[(ymin + k) * width + x] * weights[y * ksize + k];
+        out[y * width + x] = sum;
+      }
+    }
+    image = out;
+  };
+  if (horizontalFirst) {
+    horizontal();
+    vertical();
+  } else {
+    vertical();
+    horizontal();
+  }
+  return image;
+}
+
+// Resample.c's precompute_coeffs for the whole input (box 0..inSize): each output's first input and count, and its
+// weights (ksize per output).
+function coefficients(inSize, outSize) {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1);
+  const support = 2 * filterScale; // the bicubic filter's support is 2
+  const ksize = Math.ceil(support) * 2 + 1;
+  const bounds = new Int32Array(outSize * 2);
+  const weights = new Float64Array(outSize * ksize);
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const xmin = Math.max(Math.trunc(center - support + 0.5), 0); // C's (int) truncates
+    const xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
+    const ss = 1 / filterScale; // multiplied, not divided by: the last bit matters
+    let total = 0;
+    for (let x = 0; x < xmax; x++) {
+      const weight = bicubic((x + xmin - center + 0.5) * ss);
+      weights[xx * ksize + x] = weight;
+      total += weight;
+    }
+    if (total !== 0) for (let x = 0; x < xmax; x++) weights[xx * ksize + x] /= total;
+    bounds[2 * xx] = xmin;
+    bounds[2 * xx + 1] = xmax;
+  }
+  return { bounds, weights, ksize };
+}
+
+function bicubic(x) {
+  const a = -0.5;
+  x = Math.abs(x);
+  if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
+  if (x < 2) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0;
+}
+
+// Python's round(): halves to even.
+function pyRound(x) {
+  const r = Math.round(x);
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+function argmax(values) { // the first of equal maxima, as numpy's
+  let best = 0;
+  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  return best;
+}
+
+// Byte-level BPE writes each byte as a printable character (GPT-2's bytes_to_unicode); character -> byte.
+const BYTE_OF = (() => {
+  const printable = (b) => (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+  const map = new Map();
+  let extra = 0;
+  for (let b = 0; b < 256; b++) map.set(String.fromCodePoint(printable(b) ? b : 256 + extra++), b);
+  return map;
+})();
+
+// A token's bytes; one with a character outside the byte alphabet (an added token) is read as UTF-8 text.
+function pieceBytes(piece) {
+  const chars = Array.from(piece);
+  if (chars.every((c) => BYTE_OF.has(c))) return chars.map((c) => BYTE_OF.get(c));
+  return Array.from(new TextEncoder().encode(piece));
+}
+
+// str.strip(chars): JS's trim() strips other characters than Python's str.strip() does.
+export function stripChars(text, chars) {
+  const chars_ = Array.from(text);
+  let [start, end] = [0, chars_.length];
+  while (start < end && chars.includes(chars_[start])) start++;
+  while (end > start && chars.includes(chars_[end - 1])) end--;
+  return chars_.slice(start, end).join('');
+}
+
+// prefixcap.caption.tidy_alt_text: no leading "an image of", a capital first, one closing full stop, at most
+// maxChars characters cut at a word boundary. Python counts code points, so this works on arrays of them.
+const FILLER = /^(?:(?:this|it) is +)?(?:(?:an?|the|this) +)?(?:close-up +)?(?:image|picture|pic|photo|photograph|illustration|graphic) +(?:of|showing|depicting|that shows) +/iu;
+const ENDINGS = ['.', '?', '!'];
+const DANGLING = ',;:-–— ';
+const LEADING_ON = new Set(['a', 'an', 'the', 'and', 'or', 'of', 'with', 'in', 'on', 'at', 'to', 'by', 'for', 'from']);
+// What Python's str.isspace() calls whitespace (str.split() splits there).
+const PY_WHITESPACE = '\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000';
+
+export function tidyAltText(text, maxChars = 125) {
+  // After the split/join only single spaces are left, so the filler's \s (in Python) can only meet a space.
+  text = Array.from(text).reduce((words, c) => {
+    if (PY_WHITESPACE.includes(c)) words.push(''); else words[words.length - 1] += c;
+    return words;
+  }, ['']).filter((w) => w).join(' ');
+  let filler;
+  while ((filler = FILLER.exec(text)) && filler[0].length < text.length) text = text.slice(filler[0].length);
+  let chars = Array.from(text);
+  const ends = (cs) => cs.length > 0 && ENDINGS.includes(cs[cs.length - 1]);
+  if (maxChars != null && chars.length > maxChars - (ends(chars) ? 0 : 1)) {
+    const space = chars.slice(0, maxChars).lastIndexOf(' ');
+    if (space > 0) {
+      const words = chars.slice(0, space).join('').split(' ');
+      while (words.length > 1 && LEADING_ON.has(words[words.length - 1].toLowerCase())) words.pop();
+      chars = Array.from(words.join(' '));
+    } else {
+      chars = chars.slice(0, maxChars - 1);
+    }
+  }
+  while (chars.length && DANGLING.includes(chars[chars.length - 1])) chars.pop();
+  if (!chars.length) return '';
+  chars[0] = chars[0].toUpperCase();
+  return ends(chars) ? chars.join('') : chars.join('') + '.';
+}
+
+async function fetchJson(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status} ${response.statusText}`);
+  return response.json();
+}
