@@ -18,11 +18,12 @@ from prefixcap.registry import ComponentOptions, create, get_component, list_com
 __version__ = "0.1.0"
 
 
-def load(directory, device=None):
-    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory)."""
+def load(directory, device=None, *, trust_remote_code: bool = False):
+    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory). A saved system whose recipe
+    sets trust_remote_code is refused unless ``trust_remote_code=True``: loading a file must not run a hub's code."""
     from prefixcap.persist import load_system
 
-    return load_system(directory, device)
+    return load_system(directory, device, trust_remote_code=trust_remote_code)
 
 
 __all__ = [

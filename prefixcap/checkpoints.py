@@ -42,7 +42,9 @@ def load_config(checkpoint: str, config_cls: Any, tiny: dict[str, Any]) -> Any:
         if config_cls.__name__ == "AutoConfig":
             return _auto_from_dict(config_cls, data)
         return config_cls(**{k: v for k, v in data.items() if k != "model_type"})
-    return fetch(lambda: config_cls.from_pretrained(checkpoint), checkpoint, "config")
+    # trust_remote_code=False, said explicitly: unset, transformers asks on a terminal whether to run the code a
+    # checkpoint's auto_map names, and a "y" would run it though no recipe asked for it.
+    return fetch(lambda: config_cls.from_pretrained(checkpoint, trust_remote_code=False), checkpoint, "config")
 
 
 def _auto_from_dict(auto_cls: Any, data: dict[str, Any]) -> Any:
@@ -87,7 +89,7 @@ def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], 
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise error(f"{directory}: not {what} (no manifest.json)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise error(f"{path}: unreadable manifest: {e}") from None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != fmt:

@@ -10,6 +10,7 @@ from functools import wraps
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prefixcap import __version__
@@ -33,10 +34,10 @@ def _errors_to_exit_2(fn):
             if os.environ.get("PREFIXCAP_DEBUG"):
                 raise
             lines = str(e).splitlines() or [type(e).__name__]
-            err.print(f"[bold red]error:[/] {lines[0]}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(lines[0])}", markup=True, highlight=False, soft_wrap=True)
             for line in lines[1:]:
                 err.print(f"       {line}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))  # an interrupted run exits as the signal's default would
 
     return wrapper
 
@@ -79,10 +80,12 @@ def plugins(kind: str | None, as_json: bool):
     table = Table(title="prefixcap components", title_justify="left")
     for col in ("kind", "name", "distribution", "version", "description"):
         table.add_column(col, overflow="fold")
+    # Names, versions, descriptions and errors come from third-party code: shown as text, never as rich markup.
     for r in rows:
-        table.add_row(r.kind, r.name, r.provider.dist, r.provider.version, r.description)
+        table.add_row(r.kind, r.name, escape(r.provider.dist), escape(r.provider.version), escape(r.description))
     for b in broken:
-        table.add_row("[red]broken[/]", b.provider.plugin, b.provider.dist, b.provider.version, f"[red]{b.error}[/]")
+        table.add_row("[red]broken[/]", escape(b.provider.plugin), escape(b.provider.dist), escape(b.provider.version),
+                      f"[red]{escape(b.error)}[/]")
     out.print(table)
 
 
@@ -123,12 +126,12 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
             "components": [c.__dict__ for c in report.components],
         }, indent=2))  # fmt: skip
         return
-    table = Table(title=f"{report.recipe.source}: system {report.system!r}", title_justify="left")
+    table = Table(title=escape(f"{report.recipe.source}: system {report.system!r}"), title_justify="left")
     for col, justify in (("section", "left"), ("component", "left"), ("checkpoint", "left"),
                          ("params", "right"), ("trainable", "right")):  # fmt: skip
         table.add_column(col, justify=justify, overflow="fold")
     for c in report.components:
-        table.add_row(c.slot, c.name, c.checkpoint or "", f"{c.total:,}", f"{c.trainable:,}")
+        table.add_row(c.slot, c.name, escape(c.checkpoint or ""), f"{c.total:,}", f"{c.trainable:,}")
     table.add_row("[bold]total[/]", "", "", f"[bold]{report.total:,}[/]", f"[bold]{report.trainable:,}[/]")
     out.print(table)
     details = []
@@ -309,12 +312,16 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str
     with sink as stream, progress:
         writer = RowWriter(stream, fmt, score=scorer is not None)
         task = progress.add_task("caption", total=sum(1 for _ in expand_paths(paths)) if show_bar else None)
-        for row in caption_paths(captioner, paths, batch_size=batch_size, tidy=tidy, max_chars=max_chars,
-                                 scorer=scorer, **generate):  # fmt: skip
-            writer.write(row)
-            progress.advance(task)
-            total, failed = total + 1, failed + (row.error is not None)
-            clip_s += [row.clip_s] if row.clip_s is not None else []
+        try:
+            for row in caption_paths(captioner, paths, batch_size=batch_size, tidy=tidy, max_chars=max_chars,
+                                     scorer=scorer, **generate):  # fmt: skip
+                writer.write(row)
+                progress.advance(task)
+                total, failed = total + 1, failed + (row.error is not None)
+                clip_s += [row.clip_s] if row.clip_s is not None else []
+        except BrokenPipeError:  # `prefixcap caption ... | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere, quietly
+            sys.exit(141)  # as a shell reports a process SIGPIPE ended
     summary_line = f"captioned {total - failed} of {total} image{'s' * (total != 1)}"
     if failed:
         summary_line += f"; {failed} error{'s' * (failed != 1)}"

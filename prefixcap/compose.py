@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prefixcap.errors import CompositionError, PrefixcapError
+from prefixcap.errors import CompositionError, PrefixcapError, summary
 from prefixcap.recipe import ComponentSpec, Loc, Recipe, load_recipe
 from prefixcap.registry import get_component
 
@@ -99,6 +99,9 @@ def compose(
             return factory(spec.options, **wiring)
         except (PrefixcapError, OSError, ValueError) as e:
             raise CompositionError(f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r}: {e}") from e
+        except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # torch refusing sizes it cannot allocate
+            raise CompositionError(f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r} cannot be "
+                                   f"built with these options (are the sizes right?): {summary(e)}") from e
 
     # A system takes the sections it uses; the prefix system needs all three, the cross-attention baseline
     # owns its models, so each system checks its own inputs.

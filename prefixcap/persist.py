@@ -190,16 +190,32 @@ def sweep_temporaries(directory: Path) -> list[Path]:
     return found
 
 
+def _remote_code_settings(recipe: Any, path: str = "") -> list[str]:
+    """Where a recipe (as saved in a manifest) sets trust_remote_code true, as dotted paths."""
+    if isinstance(recipe, dict):
+        found = [path + "trust_remote_code"] if recipe.get("trust_remote_code") is True else []
+        return found + [p for k, v in recipe.items() for p in _remote_code_settings(v, f"{path}{k}.")]
+    if isinstance(recipe, list):
+        return [p for i, v in enumerate(recipe) for p in _remote_code_settings(v, f"{path}{i}.")]
+    return []
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     return checkpoints.read_manifest(directory, FORMAT, CheckpointError, "a saved prefixcap system")
 
 
-def load_system(directory: str | Path, device: str | torch.device | None = None) -> Any:
+def load_system(directory: str | Path, device: str | torch.device | None = None, *,
+                trust_remote_code: bool = False) -> Any:  # fmt: skip
     """Rebuild a saved system: compose from the manifest's recipe, then load the trained tensors."""
     from prefixcap.compose import compose
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    remote = _remote_code_settings(manifest.get("recipe"))
+    if remote and not trust_remote_code:  # the manifest is a stranger's file: it may not switch code execution on
+        raise CheckpointError(f"{directory}: its recipe sets trust_remote_code ({', '.join(remote)}), which would run "
+                              "code from the checkpoints it names; load it with prefixcap.load(..., "
+                              "trust_remote_code=True) only if you trust them")  # fmt: skip
     for slot, names in manifest.get("files", {}).items():
         for name in names:
             if not (directory / slot / name).is_file():

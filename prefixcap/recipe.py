@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from prefixcap.errors import PluginError, RecipeError, first_line
+from prefixcap.errors import PluginError, RecipeError, UnknownComponentError, first_line, summary
 from prefixcap.registry import ComponentOptions, get_component
 
 Loc = tuple[str | int, ...]
 _MAX_YAML_NODES = 100_000  # an alias bomb expands past this long before it costs memory
+_MAX_DEPTH = 100  # a recipe nests 4 levels deep; far deeper is a mistake or an attack (or an alias to itself)
+_MAX_LINE = 400  # longest line of an error message: long keys and values are shortened, never printed whole
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf and nan are never a sensible rate, size or budget (`lr: .inf` would train to NaN)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ComponentSpec(BaseModel):
@@ -32,7 +36,7 @@ class ComponentSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, strict=True)  # not bytes: load_recipe only looks up names that are str
     _options: ComponentOptions | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -66,7 +70,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_caption_tokens: int = Field(32, ge=1, le=4096)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
 
@@ -120,6 +124,14 @@ class Recipe(_Section):
     generate: GenerateConfig = GenerateConfig()
     output: OutputConfig = OutputConfig()
 
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _losses_are_a_list(cls, value: Any) -> Any:
+        # pydantic would also take a set or a tuple; their items would then miss the options check in load_recipe
+        if not isinstance(value, list):
+            raise ValueError("expected a list of loss components, e.g. [{name: caption-ce}]")
+        return value
+
     _source: str = PrivateAttr(default="<dict>")
     _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
     _overridden: set[Loc] = PrivateAttr(default_factory=set)
@@ -157,34 +169,83 @@ class Recipe(_Section):
 # --- YAML with line numbers ------------------------------------------------------------------------------------
 
 
+class _TooBig(RecipeError):
+    """A document past the node or depth limit: refused outright, never read as a plain string by --set."""
+
+
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
-    """Parse YAML safely; also return the 1-based line of every mapping key / sequence item."""
-    loader = yaml.SafeLoader(text)
+    """Parse YAML safely; also return the 1-based line of every mapping key / sequence item.
+
+    Whatever the text, the outcome is data or a RecipeError: PyYAML's own errors, the plain exceptions its
+    constructors raise on bad tagged scalars (``!!int x``, a 5000-digit integer), nesting deeper than Python's
+    stack, self-referencing aliases and alias bombs."""
+    loader = None
     try:
+        loader = _Loader(text)  # checks every character first
         node = loader.get_single_node()
         lines: dict[Loc, int] = {}
         if node is not None:
             _index_lines(node, (), lines, [0])
         data = loader.construct_document(node) if node is not None else None
+    except _TooBig as e:
+        raise _TooBig(f"{source}: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: invalid YAML: {e}") from None
+        raise RecipeError(_one_line(f"{where}: invalid YAML: {e.problem or e.context or summary(e)}")) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, most control characters)
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+        where = f"{source}:{line}" if line else source
+        raise RecipeError(_one_line(f"{where}: invalid YAML: character #x{e.character:04x}: {e.reason}")) from None
+    except RecursionError:
+        raise _TooBig(f"{source}: invalid YAML: nested deeper than {_MAX_DEPTH} levels") from None
+    except Exception as e:  # yaml.YAMLError, or ValueError/KeyError/... from a constructor given a bad scalar
+        raise RecipeError(_one_line(f"{source}: invalid YAML: {summary(e)}")) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
+
+
+class _Loader(yaml.SafeLoader):
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """The composer recurses once per level: refuse deep nesting before Python's stack runs out (a
+        RecursionError is caught too, but unwinding a thousand frames takes a second)."""
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _TooBig(f"invalid YAML: nested deeper than {_MAX_DEPTH} levels (at line {line})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """SafeLoader's, but a scalar its constructor cannot read (``!!int x``, ``!!bool maybe``, an integer of
+        5000 digits) is a YAML error at the scalar's line, not a bare ValueError or KeyError."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError) as e:
+            what = _short(node.value) if isinstance(node, yaml.ScalarNode) else f"this {type(node).__name__}"
+            tag = str(node.tag).rsplit(":", 1)[-1]
+            problem = f"cannot read {what} as {tag}: {type(e).__name__}: {summary(e)}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 def _index_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], count: list[int]) -> None:
     count[0] += 1
     if count[0] > _MAX_YAML_NODES:
-        raise RecipeError(f"recipe is too large or expands without bound (over {_MAX_YAML_NODES} YAML nodes)")
+        raise _TooBig(f"recipe is too large or expands without bound (over {_MAX_YAML_NODES} YAML nodes)")
+    if len(loc) > _MAX_DEPTH:  # also what an alias to an enclosing node (`a: &a [*a]`) looks like
+        raise _TooBig(f"recipe nests deeper than {_MAX_DEPTH} levels, or an alias refers to itself "
+                      f"(at line {node.start_mark.line + 1})")
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            child = loc + (str(key.value),)
+            # a complex key (a list or mapping) is refused when constructed; never render it (it may be a bomb)
+            child = loc + (str(key.value) if isinstance(key, yaml.ScalarNode) else "?",)
             lines[child] = key.start_mark.line + 1
             _index_lines(value, child, lines, count)
     elif isinstance(node, yaml.SequenceNode):
@@ -199,13 +260,17 @@ def apply_override(data: dict[str, Any], assignment: str) -> Loc:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a recipe dict in place; returns the location set."""
     key, eq, raw = assignment.partition("=")
     parts = [p.strip() for p in key.strip().split(".")]
+    shown = _short(assignment, 100)
     if not eq or not all(parts):
-        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=3e-4")
+        raise RecipeError(_one_line(f"--set {shown}: expected KEY=VALUE with a dotted key, e.g. train.lr=3e-4"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    loc: Loc = tuple(int(p) if p.isdigit() else p for p in parts)
+        value = _parse_yaml(raw, "--set")[0] if raw.strip() else ""
+    except _TooBig as e:  # an alias bomb or a deeply nested value is refused, not kept as a string
+        raise RecipeError(_one_line(f"--set {shown}: {str(e).removeprefix('--set: ')}")) from None
+    except RecipeError:
+        value = raw  # not YAML: the text itself (`--set description=a: b`)
+    # An index is a plain ASCII number (int() would take '٣' or fail on '²' and 5000 digits); anything else is a key.
+    loc: Loc = tuple(int(p) if re.fullmatch(r"[0-9]{1,9}", p) else p for p in parts)
     target: Any = data
     for i, part in enumerate(loc[:-1]):
         nxt = loc[i + 1]
@@ -216,15 +281,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> Loc:
         elif isinstance(target, list) and isinstance(part, int) and part < len(target):
             target = target[part]
         else:
-            raise RecipeError(f"--set {assignment!r}: {'.'.join(map(str, loc[: i + 1]))} is not a section")
+            raise RecipeError(_one_line(f"--set {shown}: {_cannot_set(loc, i, target)}"))
     last = loc[-1]
     if isinstance(target, dict):
         target[last] = value
     elif isinstance(target, list) and isinstance(last, int) and last <= len(target):
         target[last:last + 1] = [value]
     else:
-        raise RecipeError(f"--set {assignment!r}: {'.'.join(map(str, loc[:-1]))} is not a section")
+        raise RecipeError(_one_line(f"--set {shown}: {_cannot_set(loc, len(loc) - 1, target)}"))
     return loc
+
+
+def _cannot_set(loc: Loc, n: int, target: Any) -> str:
+    """Why ``loc[n]`` cannot be set inside ``target``, the value at ``loc[:n]``."""
+    if isinstance(target, list):
+        if isinstance(loc[n], int):
+            return f"{_dotted(loc[: n + 1])} is past the end of {_dotted(loc[:n])} ({len(target)} items)"
+        return f"{_dotted(loc[:n])} is a list: {_short(loc[n])} is not an index"
+    return f"{_dotted(loc[:n])} is not a section (it holds {type(target).__name__} {_short(target)})"
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -259,14 +333,22 @@ def list_recipes() -> list[tuple[str, Path, str]]:
 
 def find_recipe(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
-    if path.exists():
+    if _exists(path):
         return path
     if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
         for d in recipe_dirs():
-            if (d / f"{path.name}.yaml").exists():
+            if _exists(d / f"{path.name}.yaml"):
                 return d / f"{path.name}.yaml"
     known = ", ".join(n for n, _, _ in list_recipes()) or "none found"
-    raise RecipeError(f"{name_or_path}: no such recipe file or name (known recipes: {known})")
+    name = _printable(str(name_or_path))
+    raise RecipeError(_one_line(f"{name}: no such recipe file or name (known recipes: {known})"))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, or one with a NUL byte
+        return False
 
 
 def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()) -> Recipe:
@@ -286,7 +368,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{name}: cannot read recipe: {e}") from None
+            raise RecipeError(_one_line(f"{name}: cannot read recipe: {e}")) from None
         data, lines = _parse_yaml(text, name)
     if data is None:
         data = {}
@@ -309,12 +391,17 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
         try:
             registration = get_component(kind, spec["name"])
         except PluginError as e:  # unknown name (with suggestions), or a name two plugins clash on
-            problems.append(f"{where(loc + ('name',))}: {'.'.join(map(str, loc))}.name: {e}")
+            message = str(e)
+            if isinstance(e, UnknownComponentError):  # the name as written may be long or hold control characters
+                message = message.replace(repr(e.name), _short(e.name), 1)
+            problems.append(f"{where(loc + ('name',))}: {_dotted(loc + ('name',))}: {message}")
             continue
         try:
             options[loc] = registration.parse_options({k: v for k, v in spec.items() if k != "name"})
         except ValidationError as e:
             problems += _format(e, loc, where, registration.options)
+        except Exception as e:  # a plugin's own validator may raise anything; it is still this recipe's problem
+            problems.append(f"{where(loc)}: {_dotted(loc)}: options rejected by {registration.provider}: {summary(e)}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -322,7 +409,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
     if problems:
         line = re.compile(r"^[^\n]*?:(\d+): ")
         problems.sort(key=lambda p: int(m.group(1)) if (m := line.match(p)) else 1 << 30)
-        raise RecipeError("\n".join(dict.fromkeys(problems)))
+        raise RecipeError("\n".join(dict.fromkeys(_one_line(p) for p in problems)))
     recipe._source, recipe._lines, recipe._overridden = name, lines, overridden
     for loc, _, spec in recipe.components():
         spec._options = options[loc]
@@ -349,21 +436,30 @@ def _location(source: str, lines: dict[Loc, int], overridden: set[Loc], loc: Loc
     for n in range(len(loc), -1, -1):
         sub = loc[:n]
         if sub in overridden:
-            return f"--set {'.'.join(map(str, sub))}"
+            return f"--set {_dotted(sub)}"
         if sub in lines:
             return f"{source}:{lines[sub]}"
-        created = sorted(".".join(map(str, o)) for o in overridden if n and o[:n] == sub)
+        created = sorted(_dotted(o) for o in overridden if n and o[:n] == sub)
         if created:  # a key that only an override brought into being
             return f"--set {created[0]}"
     return source
 
 
-def _plain(data: Any) -> Any:
-    """Deep-copy a mapping into plain dicts/lists so overrides never touch the caller's object."""
+def _plain(data: Any, depth: int = 0, count: list[int] | None = None) -> Any:
+    """Deep-copy a mapping into plain dicts/lists so overrides never touch the caller's object; as for YAML text,
+    a structure that nests too deeply, refers to itself or expands past the node limit is refused."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > _MAX_YAML_NODES:
+        raise _TooBig(f"<dict>: recipe is too large or expands without bound (over {_MAX_YAML_NODES} values)")
+    if depth > _MAX_DEPTH:
+        raise _TooBig(f"<dict>: recipe nests deeper than {_MAX_DEPTH} levels, or refers to itself")
+    if isinstance(data, ComponentSpec):
+        data = data.model_dump()
     if isinstance(data, Mapping):
-        return {k: _plain(v) for k, v in data.items()}
+        return {k: _plain(v, depth + 1, count) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [_plain(v) for v in data]
+        return [_plain(v, depth + 1, count) for v in data]
     return data
 
 
@@ -372,16 +468,16 @@ def _format(e: ValidationError, prefix: Loc, where, root: type[BaseModel]) -> li
     for err in e.errors(include_url=False):
         rel: Loc = tuple(err["loc"])
         loc = prefix + rel
-        dotted = ".".join(map(str, loc)) or "(top level)"
+        dotted = _dotted(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, rel[:-1])
             allowed = sorted(parent.model_fields) if parent else []
             what = "section" if parent is Recipe else "option"
-            msg = f"unknown {what} {loc[-1]!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
+            msg = f"unknown {what} {_short(loc[-1])}" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
         elif err["type"] == "missing":
             msg = "required but missing"
         else:
-            msg = f"{err['msg']}; got {_short(err.get('input'))}"
+            msg = f"{_short(str(err['msg']), 200, quote=False)}; got {_short(err.get('input'))}"
         out.append(f"{where(loc)}: {dotted}: {msg}")
     return out
 
@@ -400,6 +496,34 @@ def _model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
     return model
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200  # cut before repr() sees all of a long value (or an expanded alias bomb)
+
+
+def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """``value`` for an error message: its repr (or, ``quote=False``, a string as is), on one line, at most
+    ``limit`` characters, and cheap whatever its size."""
+    if quote or not isinstance(value, str):
+        try:
+            value = _REPR.repr(value)
+        except Exception:  # e.g. an int too long to print, or an object whose __repr__ fails
+            value = f"<{type(value).__name__}>"
+    text = _printable(value[: limit * 4])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """Control characters, line breaks and lone surrogates escaped (\\x1b, \\n, \\ud800): safe on any terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _dotted(loc: Loc) -> str:
+    """A recipe location as dotted keys, each one shortened and printable."""
+    return ".".join(_short(part if isinstance(part, (str, int)) else _short(part), 60, quote=False) for part in loc)
+
+
+def _one_line(text: str) -> str:
+    """One line of an error message: printable, and at most _MAX_LINE characters."""
+    return _short(text, _MAX_LINE, quote=False)

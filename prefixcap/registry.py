@@ -6,7 +6,13 @@ are loaded exactly like third-party ones: from the ``prefixcap`` entry-point gro
 first (so on a name clash the builtin is the one already there when the clash is found).
 
 ``PREFIXCAP_LOAD_PLUGINS`` limits which third-party distributions are loaded: unset loads every installed plugin,
-an empty string loads builtins only, ``"a,b"`` loads builtins plus distributions a and b.
+an empty string loads builtins only, ``"a,b"`` loads builtins plus distributions a and b (a name that is not an
+installed plugin distribution is reported as broken, with the close matches).
+
+A plugin that fails never stops the others: an import or a hook that raises (SystemExit included), an invalid
+registration, a hook name prefixcap does not have, or a name already registered is recorded in ``Registry.broken``.
+A builtin keeps its name: a third-party plugin registering the same kind and name is the broken one. Two third-party
+plugins registering the same name make it ambiguous until one is uninstalled or left out by PREFIXCAP_LOAD_PLUGINS.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class ComponentOptions(BaseModel):
     Subclass it and add fields; unknown keys are rejected so a typo in a recipe is an error, not a silent default.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # inf and nan are never a sensible rate, size or weight (a plugin model may set allow_inf_nan=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
     checkpoint: str | None = None
 
@@ -137,12 +144,15 @@ def _wanted_dists() -> set[str] | None:
     raw = os.environ.get("PREFIXCAP_LOAD_PLUGINS")
     if raw is None:
         return None
-    return {_normalise(d) for d in raw.split(",") if d.strip()}
+    return {_normalise(d.strip()) for d in raw.split(",") if d.strip()}
 
 
-def _plugin_entry_points() -> list[tuple[Provider, metadata.EntryPoint]]:
+def _plugin_entry_points(reg: Registry | None = None) -> list[tuple[Provider, metadata.EntryPoint]]:
+    """Entry points of the allowed distributions; with ``reg``, names in PREFIXCAP_LOAD_PLUGINS that match no
+    installed plugin distribution are recorded there as broken (a typo would otherwise load nothing, silently)."""
     wanted = _wanted_dists()
     seen: set[str] = set()
+    plugin_dists: dict[str, str] = {}
     found: list[tuple[Provider, metadata.EntryPoint]] = []
     for dist in metadata.distributions():
         name = dist.metadata["Name"] or ""
@@ -150,19 +160,36 @@ def _plugin_entry_points() -> list[tuple[Provider, metadata.EntryPoint]]:
         if key in seen:  # the same distribution twice on sys.path: the first one wins, as in importlib
             continue
         seen.add(key)
+        eps = list(dist.entry_points.select(group=ENTRY_POINT_GROUP))
+        if eps and key != SELF_DIST:
+            plugin_dists[key] = name
         if key != SELF_DIST and wanted is not None and key not in wanted:
             continue
-        for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+        for ep in eps:
             found.append((Provider(name, dist.version, ep.name), ep))
+    if reg is not None and wanted:
+        for key in sorted(wanted - set(plugin_dists) - {SELF_DIST}):
+            close = difflib.get_close_matches(key, list(plugin_dists), n=3, cutoff=0.8)
+            what = "is installed but has no prefixcap plugins" if key in seen else "is not installed"
+            hint = f"; did you mean {', '.join(plugin_dists[c] for c in close)}?" if close else ""
+            known = ", ".join(sorted(plugin_dists.values())) or "none"
+            reg.broken.append(BrokenPlugin(Provider(key, "", ""), f"PREFIXCAP_LOAD_PLUGINS names {key!r}, which "
+                                           f"{what}{hint} (installed plugin distributions: {known})"))  # fmt: skip
     # Builtins first, then third parties in a stable order: a clash is then always reported on the newcomer.
     found.sort(key=lambda pe: (_normalise(pe[0].dist) != SELF_DIST, _normalise(pe[0].dist), pe[0].plugin))
     return found
 
 
 def _short_error(e: BaseException) -> str:
+    """One line, at most ~300 characters, whatever the plugin raised (its message may be long, or multi-line)."""
     frame = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     where = f" ({os.path.basename(frame[0].filename)}:{frame[0].lineno})" if frame else ""
-    return f"{type(e).__name__}: {e}{where}"
+    try:
+        message = " ".join(str(e).split())
+    except Exception:  # an exception whose __str__ raises
+        message = "(no message)"
+    message = message if len(message) <= 300 else message[:297] + "..."
+    return f"{type(e).__name__}: {message}{where}"
 
 
 def load_registry() -> Registry:
@@ -173,15 +200,20 @@ def load_registry() -> Registry:
     reg.plugin_manager = pm
     providers: dict[str, Provider] = {}
 
-    for provider, ep in _plugin_entry_points():
+    for provider, ep in _plugin_entry_points(reg):
         plugin_name = f"{provider.dist}:{provider.plugin}"
         try:
             module = ep.load()
             pm.register(module, name=plugin_name)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a plugin calling sys.exit() at import must not end the command
             reg.broken.append(BrokenPlugin(provider, f"cannot load {ep.value}: {_short_error(e)}"))
             continue
         providers[plugin_name] = provider
+        unknown = sorted(n for n in dir(module) if hasattr(getattr(module, n, None), f"{pm.project_name}_impl")
+                         and n not in HOOKS.values())  # fmt: skip
+        if unknown:  # e.g. register_decoder for register_decoders: pluggy would ignore it, registering nothing
+            reg.broken.append(BrokenPlugin(provider, f"{ep.value} implements {', '.join(unknown)}, which prefixcap "
+                                           f"does not call (its hooks: {', '.join(HOOKS.values())})"))  # fmt: skip
 
     for kind in KINDS:
         hook = getattr(pm.hook, HOOKS[kind])
@@ -194,7 +226,7 @@ def load_registry() -> Registry:
             try:
                 # Called one plugin at a time so a hook that raises only breaks its own plugin.
                 impl.function(*[{"register": register}[a] for a in impl.argnames])
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 reg.broken.append(BrokenPlugin(provider, f"{HOOKS[kind]} failed: {_short_error(e)}"))
     return reg
 
@@ -208,6 +240,11 @@ def _add(reg: Registry, kind, name, factory, options, description, provider: Pro
         raise PluginError(f"{kind} {name!r}: options must subclass prefixcap.ComponentOptions, got {options!r}")
     summary_line = first_line(description or "")
     key = (kind, name)
+    builtin = reg.components.get(key)
+    if builtin is not None and _normalise(builtin.provider.dist) == SELF_DIST:  # a plugin cannot take a builtin's name
+        reg.broken.append(BrokenPlugin(provider, f"{kind} {name!r} clashes with the builtin one (prefixcap "
+                                                 f"{builtin.provider.version}), which stays; rename it"))  # fmt: skip
+        return
     if key in reg.components or key in reg.clashes:
         first = reg.components.pop(key, None)
         owners = reg.clashes.setdefault(key, [first.provider] if first else [])

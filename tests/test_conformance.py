@@ -67,8 +67,8 @@ class TestPhi(ComponentConformance):
     exports_onnx = True
 
 
-# A second throwaway distribution (the one in conftest.py deliberately clashes with the builtin siglip, which the
-# kit uses as a partner): an encoder and a connector written from scratch on prefixcap.interfaces, plus an encoder
+# A second throwaway distribution (the one in conftest.py is a catalogue of broken plugins, not a kit subject): an
+# encoder and a connector written from scratch on prefixcap.interfaces, plus an encoder
 # with the bug the kit found in prefixcap's own clip and vit encoders, random weights that save() did not keep.
 KIT_PLUGIN_DIST = "prefixcap-kitplugin"
 KIT_PLUGIN_FILES = {

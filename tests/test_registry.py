@@ -83,16 +83,6 @@ def test_broken_plugins_are_reported_and_do_not_stop_the_others(with_plugin):
     assert get_component("loss", "caption-ce").provider.dist == "prefixcap"
 
 
-def test_name_clash_is_an_error_naming_both_providers(with_plugin):
-    clash = [b.error for b in with_plugin.broken if b.provider.plugin == "clash"]
-    assert clash == [f"encoder 'siglip' clashes with the one registered by prefixcap {prefixcap.__version__}"]
-    with pytest.raises(PluginError) as e:
-        get_component("encoder", "siglip")
-    assert f"prefixcap {prefixcap.__version__}" in str(e.value) and f"{PLUGIN_DIST} 0.3.1" in str(e.value)
-    with pytest.raises(prefixcap.RecipeError, match="registered by both"):
-        prefixcap.load_recipe({"encoder": {"name": "siglip", "checkpoint": "tiny"}})
-
-
 def test_load_plugins_env_var_selects_distributions(plugin_site, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_site))
     monkeypatch.delenv("PREFIXCAP_LOAD_PLUGINS")  # unset: every installed plugin loads

@@ -24,7 +24,7 @@ class LinearOptions(ComponentOptions):
 
 class MLPOptions(LinearOptions):
     # distilvit2's projection: 2048 hidden, GELU, dropout 0.1.
-    hidden: int = Field(2048, ge=1)
+    hidden: int = Field(2048, ge=1, le=65536)  # bounded: a typo of extra zeros should not ask torch for petabytes
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -34,8 +34,8 @@ class QFormerOptions(ComponentOptions):
     # cross-attention, so the prefix length is K whatever N is (196 SigLIP tokens -> 32 decoder positions).
     queries: int = Field(32, ge=1, le=1024, description="prefix length K")
     layers: int = Field(2, ge=1, le=4)
-    width: int = Field(256, ge=8, description="internal width the queries and encoder tokens are projected to")
-    heads: int = Field(4, ge=1)
+    width: int = Field(256, ge=8, le=16384, description="internal width the queries and encoder tokens are projected to")
+    heads: int = Field(4, ge=1, le=256)
     dropout: float = Field(0.0, ge=0, lt=1)
     lr: float | None = Field(None, gt=0, description="learning rate (default: train.lr)")
 

@@ -9,7 +9,7 @@ from prefixcap.registry import ComponentOptions
 
 
 class LoraOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     r: int = Field(16, ge=1, le=4096)
     alpha: float = Field(32, gt=0)
@@ -21,7 +21,7 @@ class LoraOptions(BaseModel):
 class TinySizes(BaseModel):
     """The architecture of a ``checkpoint: tiny`` decoder (its vocabulary is the tiny tokenizer's)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     hidden_size: int = Field(64, ge=8, le=4096)
     intermediate_size: int = Field(128, ge=8, le=16384)
     num_hidden_layers: int = Field(2, ge=1, le=64)

@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
-from prefixcap.errors import CompositionError
+from prefixcap.encoders import refuse_pickle_weights
+from prefixcap.errors import CompositionError, summary
 from prefixcap.interfaces import Decoder
 from prefixcap.persist import CheckpointError
 from prefixcap.recipe import GenerateConfig
@@ -44,18 +45,41 @@ def tiny_config(options: CausalLMOptions) -> dict:
     return {**json.loads(snapshot_path(base).read_text()), **options.tiny.model_dump(), **TINY_VOCAB}
 
 
+def _load_config(options: CausalLMOptions):
+    """The architecture config. A checkpoint's own config is read with trust_remote_code as the recipe says, never
+    left unset: then transformers would ask on a terminal whether to run the code a config's auto_map names."""
+    checkpoint = options.checkpoint
+    if checkpoint == TINY or (not Path(checkpoint).exists() and snapshot_path(checkpoint).exists()):
+        return load_config(checkpoint, AutoConfig, tiny_config(options))  # a config prefixcap ships: no code in it
+
+    def load():
+        try:
+            return AutoConfig.from_pretrained(checkpoint, trust_remote_code=options.trust_remote_code)
+        except ValueError as e:
+            if options.trust_remote_code or "trust_remote_code" not in str(e):
+                raise
+            raise CompositionError(
+                f"{checkpoint!r} ships its own model code (auto_map in its config.json), which prefixcap runs only "
+                f"when the recipe sets trust_remote_code: true on this component; read that code first"
+            ) from None
+
+    return fetch(load, checkpoint, "config")
+
+
 class CausalLMDecoder(Decoder):
     def __init__(self, options: CausalLMOptions, *, pretrained: bool = True):
         super().__init__()
         self.options = options
         self.lr = options.lr
         checkpoint = options.checkpoint
-        if options.trust_remote_code:
+        remote = options.trust_remote_code
+        if remote:
             warnings.warn(f"trust_remote_code is on: code shipped with {checkpoint!r} will run", stacklevel=2)
-        config = load_config(checkpoint, AutoConfig, tiny_config(options))
+        config = _load_config(options)
         if pretrained and checkpoint != TINY:
-            remote = options.trust_remote_code
-            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
+            refuse_pickle_weights(checkpoint, beside_safetensors_ok=True)  # say why, before transformers fails
+            # safetensors only: transformers would otherwise unpickle a pytorch_model.bin
+            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config, use_safetensors=True,
                                                                        trust_remote_code=remote), checkpoint, "weights")
             self._tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=remote),
                                     checkpoint, "tokenizer")  # fmt: skip
@@ -167,7 +191,11 @@ class CausalLMDecoder(Decoder):
             raise CheckpointError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.model, load_file(str(adapter)))
+        try:
+            state = load_file(str(adapter))
+        except Exception as e:  # safetensors raises its own error types for truncated, corrupt or foreign files
+            raise CheckpointError(f"{adapter}: unreadable safetensors file: {summary(e)}") from e
+        result = set_peft_model_state_dict(self.model, state)
         if result.unexpected_keys:
             raise CheckpointError(f"{adapter}: tensors {result.unexpected_keys[:5]} do not fit this decoder")
 

@@ -7,6 +7,7 @@ checkpoint read the same weights in the same way.
 from __future__ import annotations
 
 import difflib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from prefixcap.checkpoints import TINY
-from prefixcap.encoders import ClipOptions
+from prefixcap.encoders import ClipOptions, refuse_pickle_weights
 from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
@@ -41,6 +42,8 @@ def load_open_clip(model: str, checkpoint: str, *, pretrained: bool) -> open_cli
     only its small config file). "tiny" is a small random CLIP of ``model``'s class, for tests.
     """
     device = torch.get_default_device()
+    if checkpoint != TINY:
+        refuse_pickle_weights(checkpoint)  # open_clip would read a .bin, even one beside a .safetensors
     is_repo = checkpoint != TINY and (checkpoint.startswith(HF_HUB) or Path(checkpoint).is_dir())
     if not is_repo and model not in open_clip.list_models():
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
@@ -63,7 +66,8 @@ def load_open_clip(model: str, checkpoint: str, *, pretrained: bool) -> open_cli
         return open_clip.create_model(model, pretrained=checkpoint if pretrained else None, device=device,
                                       force_quick_gelu=tag.get("quick_gelu", False),
                                       force_preprocess_cfg=tag or None)  # fmt: skip
-    except (RuntimeError, OSError) as e:  # open_clip reports failed downloads and bad files as RuntimeError
+    except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # failed downloads and bad files; a hub .bin that
+        # torch's weights_only unpickler refuses
         first = summary(e)
         what = repr(checkpoint) if is_repo else f"{model!r} from checkpoint {checkpoint!r}"
         raise CompositionError(

@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from prefixcap.checkpoints import TINY, fetch, load_config, resolve
-from prefixcap.encoders import SiglipOptions
+from prefixcap.encoders import SiglipOptions, refuse_pickle_weights
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
 
@@ -27,8 +27,11 @@ class SiglipEncoder(Encoder):
         config = load_config(checkpoint, SiglipVisionConfig, TINY_CONFIG)
         config.vision_use_head = False  # the pooled vector is unused; its weights would only cost memory
         if pretrained and checkpoint != TINY:
-            self.model = fetch(lambda: SiglipVisionModel.from_pretrained(checkpoint, config=config), checkpoint,
-                               "SigLIP weights")  # fmt: skip
+            refuse_pickle_weights(checkpoint, beside_safetensors_ok=True)  # say why, before transformers fails
+            # safetensors only: transformers would otherwise unpickle a pytorch_model.bin
+            self.model = fetch(lambda: SiglipVisionModel.from_pretrained(checkpoint, config=config,
+                                                                         use_safetensors=True),
+                               checkpoint, "SigLIP weights")  # fmt: skip
         else:
             self.model = SiglipVisionModel(config)
             self.random_init = checkpoint == TINY

@@ -11,7 +11,7 @@ from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from prefixcap.checkpoints import TINY
-from prefixcap.encoders import VitOptions
+from prefixcap.encoders import VitOptions, refuse_pickle_weights
 from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
@@ -28,6 +28,8 @@ def load_timm_vit(model: str, checkpoint: str | None, *, pretrained: bool) -> nn
     `prefixcap validate`): nothing is downloaded but, for an hf-hub id, its config.json.
     """
     kwargs: dict[str, Any] = dict(num_classes=0)  # no classifier; timm drops it from pretrained weights
+    if checkpoint != TINY:
+        refuse_pickle_weights(checkpoint)  # timm would read a pytorch_model.bin (even beside a .safetensors)
     if checkpoint == TINY:
         name, pretrained = model, False
         kwargs.update(TINY_ARGS)

@@ -138,13 +138,15 @@ class ClipScorer:
 def _transformers_encoders(checkpoint: str, device: torch.device) -> tuple[Encode, Encode]:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = fetch(lambda: AutoModel.from_pretrained(checkpoint), checkpoint, "CLIP model", tiny=False)
+    model = fetch(lambda: AutoModel.from_pretrained(checkpoint, use_safetensors=True, trust_remote_code=False),
+                  checkpoint, "CLIP model", tiny=False)
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise CompositionError(f"{checkpoint!r} holds a {type(model).__name__}, not an image-text dual encoder "
                                "such as CLIPModel or SiglipModel")  # fmt: skip
-    tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint), checkpoint, "tokenizer", tiny=False)
-    processor = fetch(lambda: AutoImageProcessor.from_pretrained(checkpoint), checkpoint, "image processor",
-                      tiny=False)  # fmt: skip
+    tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False), checkpoint,
+                      "tokenizer", tiny=False)
+    processor = fetch(lambda: AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False), checkpoint,
+                      "image processor", tiny=False)  # fmt: skip
     model = model.to(device).eval()
     # Saved tokenizers without a limit report a huge model_max_length; the text tower's positions are the real one.
     text_config = getattr(model.config, "text_config", model.config)

@@ -68,7 +68,8 @@ class VisionEncoder(Encoder):
         if hasattr(config, "vision_use_head"):
             config.vision_use_head = False  # SigLIP's pooling head: cross-attention reads the tokens, not the pool
         if pretrained and checkpoint != TINY:
-            model = fetch(lambda: AutoModel.from_pretrained(checkpoint, config=config), checkpoint, "vision weights")
+            model = fetch(lambda: AutoModel.from_pretrained(checkpoint, config=config, use_safetensors=True,
+                                                           trust_remote_code=False), checkpoint, "vision weights")
         else:
             model = AutoModel.from_config(config)
             self.random_init = checkpoint == TINY
@@ -111,9 +112,10 @@ class CrossAttnDecoder(Component):
         config = load_config(checkpoint, AutoConfig, tiny_gpt2(tiny))
         config.is_decoder, config.add_cross_attention = True, True  # as from_encoder_decoder_pretrained sets them
         if pretrained and checkpoint != TINY:
-            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(checkpoint, config=config), checkpoint,
-                          "weights")  # fmt: skip
-            self.tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint), checkpoint, "tokenizer")
+            model = fetch(lambda: AutoModelForCausalLM.from_pretrained(
+                checkpoint, config=config, use_safetensors=True, trust_remote_code=False), checkpoint, "weights")
+            self.tokenizer = fetch(lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False),
+                                   checkpoint, "tokenizer")  # fmt: skip
         else:
             model = AutoModelForCausalLM.from_config(config)
             self.tokenizer = tiny_tokenizer() if checkpoint == TINY else None  # None: `validate`, nothing to read

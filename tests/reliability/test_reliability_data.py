@@ -1,0 +1,137 @@
+"""Bad images never stop a run or a captioning job (they are counted and reported), and runs that share the
+feature cache never corrupt it. Through the real `prefixcap` command and real concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from prefixcap import compose, create
+from prefixcap.caption import EMPTY_CAPTION
+from prefixcap.train import cache_dir, encode_split, feature_cache_key, load_split
+
+from conftest import REPO, fit_batch, run_cli
+from image_files import png_bomb, write_inputs
+
+
+@pytest.fixture
+def images(tmp_path) -> tuple[list[Path], list[Path]]:
+    good, bad = write_inputs(tmp_path / "images")
+    bad = [p for p in bad if p.name != "bomb.png"]  # that one is only a bomb under the limit the unit tests set
+    bad.append(png_bomb(tmp_path / "images" / "bomb.png"))  # a real one: a header claiming 10 gigapixels
+    (tmp_path / "images" / "folder.png").mkdir()  # a directory where a file was expected
+    bad.append(tmp_path / "images" / "folder.png")
+    return good, bad
+
+
+def test_training_data_with_every_kind_of_bad_image_trains_and_counts_them(images, tmp_path):
+    good, bad = images
+    rows = [{"image": str(p), "captions": ["a red square"]} for p in [*good, *bad]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[-2:]))
+    data = {"name": "jsonl", "train": str(tmp_path / "train.jsonl"), "val": str(tmp_path / "val.jsonl")}
+    result = run_cli("run", "quickstart", "--out", str(tmp_path / "run"), f"--set=data={json.dumps(data)}",
+                     "--set=train.steps=2", "--set=train.batch_size=4", "--set=generate.max_new_tokens=4",
+                     "--set=eval.clip_model=null", env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_examples"] == len(good)
+    assert metrics["skipped_images"] == len(bad) + 2  # every bad file in train, and the two in val
+    print(f"training: {len(good) + len(bad)} files, {len(bad)} unreadable, all skipped and counted")
+
+
+def test_captioning_every_kind_of_bad_image_reports_each_and_captions_the_rest(images, tmp_path):
+    good, bad = images
+    torch.manual_seed(0)
+    system = compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": {"name": "mlp", "hidden": 32},
+                      "decoder": {"name": "smollm", "checkpoint": "tiny"}})  # fmt: skip
+    fit_batch(system, [Image.new("RGB", (40, 40), c) for c in ("red", "navy")], ["a red square"] * 2, 30)
+    saved = system.save(tmp_path / "system")
+    result = run_cli("caption", str(saved), *map(str, [*good, *bad]), "--max-new-tokens", "6")
+    assert result.returncode == 1, result.stderr  # something failed: a script can tell
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in [*good, *bad]]  # one row per input, in order
+    # (a model this small may write nothing for an image: that is reported too, as such, not as a bad file)
+    failed = {r["path"]: r["error"] for r in rows if r["error"] and r["error"] != EMPTY_CAPTION}
+    assert set(failed) == {str(p) for p in bad}, failed
+    assert "over the limit" in failed[str(bad[-2])] or "decompression bomb" in failed[str(bad[-2])]
+    assert sum(bool(r["caption"]) for r in rows) >= len(good) - 2
+    assert "Traceback" not in result.stderr
+    print(f"captioning: {len(rows)} files, {len(failed)} reported, {len(rows) - len(failed)} captioned")
+
+
+WRITER = """
+    import hashlib, os, sys, time
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from prefixcap import compose, create
+    from prefixcap.train import cache_dir, encode_split, feature_cache_key, load_split
+
+    system = compose("quickstart")
+    split = load_split(create("dataset", "shapes", {"train_size": 1024}), "train", system)
+    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
+    barrier, writers = Path(sys.argv[1]), int(sys.argv[2])
+    (barrier / str(os.getpid())).touch()
+    while len(list(barrier.iterdir())) < writers:  # every writer starts encoding at the same moment
+        time.sleep(0.01)
+    features = encode_split(system, split, 64)
+    reads = 0
+    for _ in range(200):  # while the others are still writing: the file is absent or complete, never partial
+        if path.exists():
+            assert torch.equal(load_file(str(path))["features"], features)
+            reads += 1
+    print(hashlib.sha256(features.numpy().tobytes()).hexdigest(), reads)
+"""
+
+
+def test_runs_writing_the_feature_cache_at_once_do_not_corrupt_it(tmp_path):
+    env = {**os.environ, "PREFIXCAP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    script = "import torch\n" + textwrap.dedent(WRITER)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(barrier), "3"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]  # fmt: skip
+    outputs = [w.communicate(timeout=300) for w in writers]
+    assert all(w.returncode == 0 for w in writers), [err for _, err in outputs]
+    digests = {out.split()[0] for out, _ in outputs}
+    assert len(digests) == 1  # every writer computed, and read back, the same features
+    files = list((tmp_path / "cache" / "features").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temporaries left behind
+    assert load_file(str(files[0]))["features"].shape[0] == 1024
+
+
+def test_a_truncated_cache_file_is_recomputed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    system = compose("quickstart")
+    split = load_split(create("dataset", "shapes", {"train_size": 64}), "train", system)
+    features = encode_split(system, split, 32)
+    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short (a full disk, a killed rsync)
+    assert torch.equal(encode_split(system, split, 32), features)
+    assert torch.equal(load_file(str(path))["features"], features)  # and the cache is whole again
+
+
+def test_captioning_into_a_pipe_that_closes_early_ends_quietly(images, tmp_path):
+    """`prefixcap caption DIR | head -1`: the reader leaves, the command stops without a traceback."""
+    good, _ = images
+    torch.manual_seed(0)
+    saved = compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": {"name": "mlp", "hidden": 32},
+                     "decoder": {"name": "smollm", "checkpoint": "tiny"}}).save(tmp_path / "system")  # fmt: skip
+    exe = Path(sys.executable).with_name("prefixcap")
+    process = subprocess.Popen([str(exe), "caption", str(saved), *map(str, good * 4), "--batch-size", "1", "--raw",
+                                "--max-new-tokens", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(process.stdout.readline())["path"] == str(good[0])
+    process.stdout.close()  # as `head -1` does after its line
+    stderr = process.stderr.read()
+    process.wait(timeout=300)
+    assert process.returncode == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
