@@ -97,6 +97,9 @@ class GenerateConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    # Greedy search through prefixcap.decoding's loop instead of transformers' generate: the same ids, without
+    # generate's per-step machinery (prefix systems; beams and sampling always go through generate).
+    fast: bool = True
 
 
 class OutputConfig(_Section):

@@ -1,0 +1,48 @@
+"""Greedy decoding with a KV cache, written out: the loop HF ``generate`` runs for greedy search, without its
+per-step machinery (logits processors, stopping criteria, output bookkeeping), which dominates the step time of
+small decoders.
+
+    new_ids = greedy(model, inputs_embeds, max_new_tokens=24, eos_id=2, pad_id=0)   # (B, T_new)
+
+The first step (prefill) runs the whole prefix + prompt at once; every later step feeds one token per row. A row
+that has written EOS gets ``pad_id`` from then on, and the loop ends when every row has ended, as HF's does, so the
+ids are HF's token for token (tests/test_decoding.py checks it against ``generate``). ``cache="static"`` keeps the
+keys and values in preallocated tensors of a fixed length, the form a compiled or CUDA-graph-captured step needs;
+``"dynamic"`` grows them, which is cheaper on the CPU for short captions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, StaticCache
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
+           cache: Literal["dynamic", "static"] = "dynamic") -> Tensor:  # fmt: skip
+    """Greedy ids (B, T_new) after ``inputs_embeds`` (B, L, H), every position of which is a real token (the prefix
+    system has no padding: every row is K prefix embeddings and the same prompt)."""
+    batch, length, _ = inputs_embeds.shape
+    device = inputs_embeds.device
+    config = model.config
+    kv = StaticCache(config=config, max_cache_len=length + max_new_tokens) if cache == "static" else DynamicCache()
+    positions = torch.arange(length, device=device)
+    logits = model(inputs_embeds=inputs_embeds, past_key_values=kv, use_cache=True, cache_position=positions,
+                   position_ids=positions.expand(batch, -1), logits_to_keep=1).logits  # fmt: skip
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    for step in range(max_new_tokens):
+        new = logits[:, -1].argmax(-1)
+        new = new.masked_fill(finished, pad_id)
+        tokens.append(new)
+        if eos_id is not None:
+            finished |= new == eos_id
+        if step == max_new_tokens - 1 or bool(finished.all()):  # one host sync a step, as HF's loop has
+            break
+        position = torch.tensor([length + step], device=device)
+        logits = model(input_ids=new[:, None], past_key_values=kv, use_cache=True, cache_position=position,
+                       position_ids=position.expand(batch, 1), logits_to_keep=1).logits  # fmt: skip
+    return torch.stack(tokens, dim=1)

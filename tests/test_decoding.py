@@ -1,0 +1,75 @@
+"""prefixcap.decoding.greedy writes transformers' greedy ids token for token, and the captions a run scores with it
+are the ones generate gives (issue 8: the fast path changes speed, never output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from prefixcap import compose, create
+from prefixcap.decoding import greedy
+from prefixcap.recipe import GenerateConfig
+from prefixcap.train import evaluate, load_split
+
+from conftest import fit_batch
+
+IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white", "green")]
+# Captions of different lengths, so that rows end (EOS, then padding) at different steps of one batch.
+CAPTIONS = ["a red square", "a navy circle on the left", "white", "a green triangle above a red square"]
+
+
+def fitted(finetune: str):
+    torch.manual_seed(0)
+    lora = {"lora": {"r": 4, "dropout": 0.0}} if finetune == "lora" else {}
+    system = compose({"encoder": {"name": "siglip", "checkpoint": "tiny"},
+                      "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
+                      "decoder": {"name": "smollm", "checkpoint": "tiny", "finetune": finetune, **lora}})  # fmt: skip
+    fit_batch(system, IMAGES, CAPTIONS, 40, lr=3e-3)
+    return system
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_greedy_ids_equal_generate_for_every_row_and_cache(finetune):
+    system = fitted(finetune)
+    with torch.inference_mode():
+        pixels = torch.stack(list(system.encoder.preprocess(IMAGES)))
+        prefix = system.prefix(pixels)
+        prompt = system.decoder.embed(system.decoder.prompt_ids()[None].expand(len(IMAGES), -1))
+        inputs = torch.cat([prefix, prompt], dim=1)
+    mask = torch.ones(inputs.shape[:2], dtype=torch.long)
+    tokenizer = system.decoder.tokenizer
+    for new_tokens in (1, 12):
+        expected = system.decoder.generate(inputs, mask, GenerateConfig(max_new_tokens=new_tokens, fast=False))
+        if new_tokens == 12:
+            ends = [row.tolist().index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
+                    for row in expected]  # fmt: skip
+            assert len(set(ends)) > 1 and any(e is not None for e in ends), ends  # rows end at different steps
+        for cache in ("dynamic", "static"):
+            for rows in (slice(None), slice(0, 1)):  # the batch, and one image alone
+                ids = greedy(system.decoder.model, inputs[rows], max_new_tokens=new_tokens,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cache=cache)  # fmt: skip
+                reference = expected[rows]
+                if rows == slice(0, 1):  # alone, a row stops at its own EOS rather than the batch's last one
+                    reference = system.decoder.generate(inputs[rows], mask[rows],
+                                                        GenerateConfig(max_new_tokens=new_tokens, fast=False))
+                assert torch.equal(ids, reference), (cache, rows)
+
+
+def test_the_fast_path_is_on_by_default_and_changes_no_caption_or_metric(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    assert GenerateConfig().fast
+    system = fitted("lora").eval()
+    pixels = torch.stack(list(system.encoder.preprocess(IMAGES)))
+    fast = system.generate(pixels, GenerateConfig(max_new_tokens=12))
+    slow = system.generate(pixels, GenerateConfig(max_new_tokens=12, fast=False))
+    assert fast == slow and any(fast)
+    # a run's evaluation (exact-scene accuracy, CIDEr, ... on the shapes world) is the same number either way
+    quickstart = compose("quickstart")
+    source = create("dataset", "shapes", {"test_size": 16})
+    split = load_split(source, "test", quickstart)
+    recipe = quickstart.recipe
+    on, _ = evaluate(quickstart, source, split, recipe)
+    off, _ = evaluate(quickstart, source, split, recipe.model_copy(
+        update={"generate": recipe.generate.model_copy(update={"fast": False})}))
+    assert on == off
