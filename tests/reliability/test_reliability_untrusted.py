@@ -219,7 +219,7 @@ def test_the_scanner_finds_every_kind_of_pickle_load_and_nothing_else():
 
 def source_files() -> list[Path]:
     files = sorted(p for d in ("prefixcap", "plugins") for p in (REPO / d).rglob("*.py") if ".venv" not in p.parts)
-    assert len(files) > 50 and REPO / "prefixcap" / "persist.py" in files
+    assert len(files) > 40 and REPO / "prefixcap" / "persist.py" in files
     return files
 
 
