@@ -245,6 +245,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 @click.argument("args", nargs=-1, required=True, metavar="RUN_OR_CHECKPOINT PATH...")
 @click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False),
               help="Caption with this ONNX export (greedy only); then there is no RUN_OR_CHECKPOINT.")
+@click.option("--int8", is_flag=True, help="With --onnx: the int8 graphs (written by `prefixcap export --int8`).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl", show_default=True,
               help="Rows as JSON lines, CSV with a header, or PATH<TAB>CAPTION lines.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the rows to FILE, not stdout.")
@@ -262,7 +263,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 @click.option("--clip-model", metavar="NAME", help="The CLIPScore model for --score (implies it): a transformers "
                                                    "CLIP/SigLIP id or directory, or open_clip:<model>/<tag>.")
 @_errors_to_exit_2
-def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str | None, batch_size: int,
+def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, out_file: str | None, batch_size: int,
             beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
             max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None):
     """Write alt text for images with a trained system.
@@ -285,6 +286,8 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str
     generate: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     if sample or beams:
         generate["do_sample"] = sample  # --beams asks for a search even where the recipe samples
+    if int8 and onnx_dir is None:
+        raise click.UsageError("--int8 applies only with --onnx")
     if onnx_dir is not None:
         if sample or (beams or 1) > 1:
             raise click.UsageError("--onnx captions greedily: --beams and --sample need RUN_OR_CHECKPOINT")
@@ -292,7 +295,7 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, fmt: str, out_file: str
             from prefixcap.onnx_captioner import OnnxCaptioner
         except ImportError as e:
             raise CaptionError(f"--onnx: cannot load the ONNX captioner: {summary(e)}") from e
-        captioner, recipe, paths = OnnxCaptioner(onnx_dir), None, _with_stdin(args)
+        captioner, recipe, paths = OnnxCaptioner(onnx_dir, int8=int8), None, _with_stdin(args)
         generate = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     else:
         captioner = load_captioner(args[0])

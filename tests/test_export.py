@@ -253,5 +253,11 @@ def test_cli_exports_and_captions_a_folder_with_onnxruntime_as_with_torch(export
     eager = rows(str(run), str(folder))
     assert [r["caption"] for r in onnx] == [r["caption"] for r in eager]
     assert [Path(r["path"]).name for r in onnx] == [f"{i}.png" for i in range(6)]
+    # --int8 picks the quantised graphs (one image per call: dynamic int8 scales depend on the whole batch)
+    int8 = rows("--onnx", str(directory), "--int8", "--batch-size", "1", str(folder))
+    quantised = OnnxCaptioner(directory, int8=True)
+    assert [r["caption"] for r in int8] == [quantised.caption([image])[0] for image in IMAGES[:6]]
+    refused = run_cli("caption", "--onnx", str(tmp_path / "onnx"), "--int8", str(folder))
+    assert refused.returncode == 2 and "no int8 graphs" in refused.stderr
     missing = run_cli("export", str(tmp_path / "images"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
