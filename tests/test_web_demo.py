@@ -188,6 +188,11 @@ def test_int8_captions_match_onnxruntime(int8_page, exported, images):
         assert row["caption"] == captioner.caption([image])[0], path.name
         assert row["alt"] == tidy_alt_text(row["caption"])
         assert row["ms"] > 0
+    # and the command line with the same graphs: `prefixcap caption --onnx DIR --int8`, one image per call
+    done = subprocess.run([sys.executable, "-m", "prefixcap", "caption", "--onnx", str(exported), "--int8",
+                           *map(str, images), "--batch-size", "1", "--tidy"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["alt"] for r in int8_page["results"]] == [json.loads(line)["caption"] for line in done.stdout.splitlines()]
 
 
 def test_pixels_match_python_preprocessing(int8_page, exported, images):
