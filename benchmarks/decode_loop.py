@@ -51,9 +51,7 @@ def main() -> int:
     rows, ok = [], True
     for batch in args.batch_sizes:
         with torch.inference_mode():
-            prefix = system.prefix(torch.rand(batch, 3, size, size, device=args.device))
-            prompt = decoder.embed(decoder.prompt_ids().to(args.device)[None].expand(batch, -1))
-            inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
+            inputs = system.generation_inputs(torch.rand(batch, 3, size, size, device=args.device))
         mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=args.device)
         config = GenerateConfig(max_new_tokens=args.new_tokens, fast=False)
         loops = {

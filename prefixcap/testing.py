@@ -336,9 +336,7 @@ class ComponentConformance:
         assert np.abs(pixels - loaded.encoder.preprocess(images).numpy()).max() <= 1e-6, "preprocessing differs"
         logits, _ = captioner.start(pixels)
         with torch.no_grad():
-            prefix = loaded.prefix(torch.from_numpy(pixels))
-            prompt = loaded.decoder.embed(loaded.decoder.prompt_ids()[None].expand(len(pixels), -1))
-            inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
+            inputs = loaded.generation_inputs(torch.from_numpy(pixels))
             mask = torch.ones(inputs.shape[:2], dtype=torch.long)
             reference = loaded.decoder(inputs, mask, num_logits=1)[:, -1].float().numpy()
         assert np.abs(logits - reference).max() < ONNX_LOGITS_ATOL, "first-step logits differ from PyTorch's"

@@ -34,9 +34,7 @@ def test_greedy_ids_equal_generate_for_every_row_and_cache(finetune):
     system = fitted(finetune)
     with torch.inference_mode():
         pixels = torch.stack(list(system.encoder.preprocess(IMAGES)))
-        prefix = system.prefix(pixels)
-        prompt = system.decoder.embed(system.decoder.prompt_ids()[None].expand(len(IMAGES), -1))
-        inputs = torch.cat([prefix, prompt], dim=1)
+        inputs = system.generation_inputs(pixels)
     mask = torch.ones(inputs.shape[:2], dtype=torch.long)
     tokenizer = system.decoder.tokenizer
     for new_tokens in (1, 12):

@@ -94,9 +94,7 @@ def torch_first_logits(system, pixels: torch.Tensor) -> np.ndarray:
         if system.recipe.system.name == "crossattn":
             start = torch.full((len(pixels), 1), system.decoder.start_id)
             return system.hf_model(pixel_values=pixels, decoder_input_ids=start).logits[:, -1].numpy()
-        prefix = system.prefix(pixels)
-        prompt = system.decoder.embed(system.decoder.prompt_ids()[None].expand(len(pixels), -1))
-        inputs = torch.cat([prefix, prompt], dim=1)
+        inputs = system.generation_inputs(pixels)
         return system.decoder(inputs, torch.ones(inputs.shape[:2], dtype=torch.long), num_logits=1)[:, -1].numpy()
 
 

@@ -44,12 +44,16 @@ class PrefixSystem(System):
         logits = self.decoder(inputs, mask, num_logits=t + 1)[:, :-1]  # (B, T, V)
         return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix)
 
-    @torch.inference_mode()
-    def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
+    def generation_inputs(self, pixel_values: Tensor) -> Tensor:
+        """(B, K + P, H): each image's prefix, then the decoder's prompt embedded; what decoding starts from."""
         prefix = self.prefix(pixel_values)  # (B, K, H)
         prompt = self.decoder.prompt_ids().to(prefix.device)
         prompt = self.decoder.embed(prompt[None].expand(prefix.shape[0], -1))  # (B, P, H)
-        inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
+        return torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
+        inputs = self.generation_inputs(pixel_values)
         mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
         ids = self.decoder.generate(inputs, mask, config)
         texts = self.decoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
