@@ -25,26 +25,24 @@ def builtins_only(monkeypatch):
     reload_registry()
 
 
+def plugin_pyproject(name: str, version: str, package: str, entry_points: dict[str, str],
+                     dependencies: tuple[str, ...] = ()) -> str:
+    """The pyproject.toml of a throwaway plugin distribution: one package, entry points in the prefixcap group."""
+    points = "\n".join(f'{key} = "{value}"' for key, value in entry_points.items())
+    quoted = ", ".join(f'"{d}"' for d in dependencies)
+    deps = f"dependencies = [{quoted}]\n" if dependencies else ""
+    return (f'[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+            f'[project]\nname = "{name}"\nversion = "{version}"\n{deps}[project.entry-points.prefixcap]\n{points}\n'
+            f'[tool.setuptools]\npackages = ["{package}"]\n')
+
+
 # A throwaway third-party distribution, installed for real by pip (with --target, so the test environment itself
 # is never modified). Each entry point exercises one way a plugin can behave.
 PLUGIN_DIST = "prefixcap-testplugin"
 PLUGIN_FILES = {
-    "pyproject.toml": f"""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{PLUGIN_DIST}"
-        version = "0.3.1"
-        [project.entry-points.prefixcap]
-        good = "pcap_testplugin.good"
-        broken_import = "pcap_testplugin.broken_import"
-        raising_hook = "pcap_testplugin.raising_hook"
-        clash = "pcap_testplugin.clash"
-        bad_registration = "pcap_testplugin.bad_registration"
-        [tool.setuptools]
-        packages = ["pcap_testplugin"]
-    """,
+    "pyproject.toml": plugin_pyproject(PLUGIN_DIST, "0.3.1", "pcap_testplugin", {
+        name: f"pcap_testplugin.{name}" for name in ("good", "broken_import", "raising_hook", "clash",
+                                                      "bad_registration")}),  # fmt: skip
     "pcap_testplugin/__init__.py": "",
     "pcap_testplugin/good.py": """
         from prefixcap import ComponentOptions, hookimpl

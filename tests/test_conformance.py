@@ -12,7 +12,7 @@ pytest.register_assert_rewrite("prefixcap.testing")
 
 from prefixcap.testing import ComponentConformance  # noqa: E402
 
-from conftest import install_distribution  # noqa: E402
+from conftest import install_distribution, plugin_pyproject  # noqa: E402
 
 pytest_plugins = ["pytester", "prefixcap.testing"]
 
@@ -72,19 +72,8 @@ class TestPhi(ComponentConformance):
 # with the bug the kit found in prefixcap's own clip and vit encoders, random weights that save() did not keep.
 KIT_PLUGIN_DIST = "prefixcap-kitplugin"
 KIT_PLUGIN_FILES = {
-    "pyproject.toml": f"""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{KIT_PLUGIN_DIST}"
-        version = "0.2.0"
-        dependencies = ["prefixcap"]
-        [project.entry-points.prefixcap]
-        kit = "pcap_kitplugin"
-        [tool.setuptools]
-        packages = ["pcap_kitplugin"]
-    """,
+    "pyproject.toml": plugin_pyproject(KIT_PLUGIN_DIST, "0.2.0", "pcap_kitplugin", {"kit": "pcap_kitplugin"},
+                                       dependencies=("prefixcap",)),
     "pcap_kitplugin/__init__.py": """
         from pydantic import Field
 

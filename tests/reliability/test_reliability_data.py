@@ -49,13 +49,18 @@ def test_training_data_with_every_kind_of_bad_image_trains_and_counts_them(image
     print(f"training: {len(good) + len(bad)} files, {len(bad)} unreadable, all skipped and counted")
 
 
-def test_captioning_every_kind_of_bad_image_reports_each_and_captions_the_rest(images, tmp_path):
-    good, bad = images
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A tiny system fitted to say "a red square", saved: something for `prefixcap caption` to load."""
     torch.manual_seed(0)
     system = compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": {"name": "mlp", "hidden": 32},
                       "decoder": {"name": "smollm", "checkpoint": "tiny"}})  # fmt: skip
     fit_batch(system, [Image.new("RGB", (40, 40), c) for c in ("red", "navy")], ["a red square"] * 2, 30)
-    saved = system.save(tmp_path / "system")
+    return system.save(tmp_path_factory.mktemp("system") / "final")
+
+
+def test_captioning_every_kind_of_bad_image_reports_each_and_captions_the_rest(images, saved):
+    good, bad = images
     result = run_cli("caption", str(saved), *map(str, [*good, *bad]), "--max-new-tokens", "6")
     assert result.returncode == 1, result.stderr  # something failed: a script can tell
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -120,12 +125,9 @@ def test_a_truncated_cache_file_is_recomputed(tmp_path, monkeypatch):
     assert torch.equal(load_file(str(path))["features"], features)  # and the cache is whole again
 
 
-def test_captioning_into_a_pipe_that_closes_early_ends_quietly(images, tmp_path):
+def test_captioning_into_a_pipe_that_closes_early_ends_quietly(images, saved):
     """`prefixcap caption DIR | head -1`: the reader leaves, the command stops without a traceback."""
     good, _ = images
-    torch.manual_seed(0)
-    saved = compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": {"name": "mlp", "hidden": 32},
-                     "decoder": {"name": "smollm", "checkpoint": "tiny"}}).save(tmp_path / "system")  # fmt: skip
     exe = Path(sys.executable).with_name("prefixcap")
     process = subprocess.Popen([str(exe), "caption", str(saved), *map(str, good * 4), "--batch-size", "1", "--raw",
                                 "--max-new-tokens", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

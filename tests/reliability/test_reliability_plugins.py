@@ -21,27 +21,13 @@ import prefixcap
 from prefixcap.cli import cli
 from prefixcap.registry import get_component, reload_registry
 
-from conftest import PLUGIN_DIST, install_distribution, run_cli
+from conftest import PLUGIN_DIST, install_distribution, plugin_pyproject, run_cli
 
 # A second throwaway distribution: one more way to break per entry point, and a rival of the first one.
 RIVAL_DIST = "prefixcap-rivalplugin"
 RIVAL_FILES = {
-    "pyproject.toml": f"""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{RIVAL_DIST}"
-        version = "1.0.0"
-        [project.entry-points.prefixcap]
-        rival = "pcap_rival.rival"
-        exits = "pcap_rival.exits"
-        markup = "pcap_rival.markup"
-        typo = "pcap_rival.typo"
-        lazy = "pcap_rival.lazy"
-        [tool.setuptools]
-        packages = ["pcap_rival"]
-    """,
+    "pyproject.toml": plugin_pyproject(RIVAL_DIST, "1.0.0", "pcap_rival", {
+        name: f"pcap_rival.{name}" for name in ("rival", "exits", "markup", "typo", "lazy")}),
     "pcap_rival/__init__.py": "",
     "pcap_rival/rival.py": """
         from prefixcap import hookimpl
