@@ -95,13 +95,14 @@ def compose(
             return None
         registration = get_component(kind, spec.name)
         factory = registration.load_factory()
+        where = f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r}"
         try:
             return factory(spec.options, **wiring)
         except (PrefixcapError, OSError, ValueError) as e:
-            raise CompositionError(f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r}: {e}") from e
+            raise CompositionError(f"{where}: {e}") from e
         except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # torch refusing sizes it cannot allocate
-            raise CompositionError(f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r} cannot be "
-                                   f"built with these options (are the sizes right?): {summary(e)}") from e
+            raise CompositionError(f"{where} cannot be built with these options (are the sizes right?): "
+                                   f"{summary(e)}") from e
 
     # A system takes the sections it uses; the prefix system needs all three, the cross-attention baseline
     # owns its models, so each system checks its own inputs.

@@ -453,9 +453,7 @@ class Run:
             publish_dir(tmp, final)
         except Exception as e:  # a full disk, a quota, a vanished mount: say so, keep what was there
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"cannot write checkpoint {final}: {_os_reason(e)}; the previous checkpoint "
-                           f"({latest_checkpoint(self.run_dir) or 'none'}) is intact: free space and run the same "
-                           "command again to resume from it") from e  # fmt: skip
+            raise self.write_failed(f"checkpoint {final}", e) from e
         keep = self.recipe.output.keep_last
         done = sorted((p for p in final.parent.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-keep]:
@@ -464,6 +462,12 @@ class Run:
                 old.rename(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         return final
+
+    def write_failed(self, target: str, error: BaseException) -> RunError:
+        """A write the run needs failed (a full disk, a quota, a vanished mount): why, and what it can resume from."""
+        return RunError(f"cannot write {target}: {_os_reason(error)}; the previous checkpoint "
+                        f"({latest_checkpoint(self.run_dir) or 'none'}) is intact: free space and run the same "
+                        "command again to resume from it")  # fmt: skip
 
     def resume(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -624,9 +628,7 @@ class Run:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
                     except OSError as e:
-                        raise RunError(f"cannot write {self.run_dir / 'log.jsonl'}: {_os_reason(e)}; the last "
-                                       f"checkpoint ({latest_checkpoint(self.run_dir) or 'none'}) is intact: free "
-                                       "space and run the same command again to resume from it") from e  # fmt: skip
+                        raise self.write_failed(str(self.run_dir / "log.jsonl"), e) from e
                 if tensorboard:
                     scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "val")}
                     scalars.update({f"val/{k}": v for k, v in row.get("val", {}).items()})
@@ -749,8 +751,7 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
             lock = _lock_run_dir(run_dir)  # before --fresh deletes anything a live run is using
         _prepare_run_dir(run_dir, fresh)
         lock = lock or _lock_run_dir(run_dir)
-        sweep_temporaries(run_dir)  # what a killed run was writing; with the lock held, nobody else is
-        sweep_temporaries(run_dir / "checkpoints")
+        sweep_temporaries(run_dir)  # what a killed run was writing (checkpoints/ too); with the lock, nobody else is
         write_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
     state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
     trainer = Run(recipe, run_dir)
