@@ -24,6 +24,8 @@ Loc = tuple[str | int, ...]
 _MAX_YAML_NODES = 100_000  # an alias bomb expands past this long before it costs memory
 _MAX_DEPTH = 100  # a recipe nests 4 levels deep; far deeper is a mistake or an attack (or an alias to itself)
 _MAX_LINE = 400  # longest line of an error message: long keys and values are shortened, never printed whole
+_MAX_INT_DIGITS = 4300  # Python's default int<->str limit: past it a number cannot be written out or read back
+_INT_LIMIT = 10**_MAX_INT_DIGITS
 
 
 class _Section(BaseModel):
@@ -448,21 +450,26 @@ def _location(source: str, lines: dict[Loc, int], overridden: set[Loc], loc: Loc
     return source
 
 
-def _plain(data: Any, depth: int = 0, count: list[int] | None = None) -> Any:
+def _plain(data: Any, loc: Loc = (), count: list[int] | None = None) -> Any:
     """Deep-copy a mapping into plain dicts/lists so overrides never touch the caller's object; as for YAML text,
-    a structure that nests too deeply, refers to itself or expands past the node limit is refused."""
+    a structure that nests too deeply, refers to itself or expands past the node limit is refused, and so is an
+    integer too long to write as text (YAML and --set never give one: PyYAML and pydantic refuse to read it)."""
     count = [0] if count is None else count
     count[0] += 1
     if count[0] > _MAX_YAML_NODES:
         raise _TooBig(f"<dict>: recipe is too large or expands without bound (over {_MAX_YAML_NODES} values)")
-    if depth > _MAX_DEPTH:
+    if len(loc) > _MAX_DEPTH:
         raise _TooBig(f"<dict>: recipe nests deeper than {_MAX_DEPTH} levels, or refers to itself")
+    if isinstance(data, int) and not -_INT_LIMIT < data < _INT_LIMIT:
+        # accepted, it would fail later with a bare ValueError when the run writes recipe.resolved.yaml
+        raise RecipeError(_one_line(f"<dict>: {_dotted(loc) or '(top level)'}: an integer of more than "
+                                    f"{_MAX_INT_DIGITS} digits, too long to write out"))  # fmt: skip
     if isinstance(data, ComponentSpec):
         data = data.model_dump()
     if isinstance(data, Mapping):
-        return {k: _plain(v, depth + 1, count) for k, v in data.items()}
+        return {k: _plain(v, loc + (k,), count) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [_plain(v, depth + 1, count) for v in data]
+        return [_plain(v, loc + (i,), count) for i, v in enumerate(data)]
     return data
 
 
