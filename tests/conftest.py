@@ -142,3 +142,36 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> 
     exe = Path(sys.executable).with_name("prefixcap")
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+
+
+# The quickstart recipe trained briefly: long enough to state most held-out scenes exactly (tests/test_learning.py
+# holds it to that), short enough for the suite. Shared by the learning tests and the browser test, which exports it.
+QUICKSTART_SHORT = ["train.steps=300", "data.train_size=2000", "data.val_size=50", "data.test_size=200",
+                    "eval.every_steps=300", "output.save_every_steps=300", "eval.clip_model=null",
+                    "output.tensorboard=false"]  # fmt: skip
+
+
+def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path):
+    """prefixcap.train.run on one thread with its own feature cache (never the user's): the RunResult."""
+    import torch
+
+    from prefixcap.train import run
+
+    threads, previous = torch.get_num_threads(), os.environ.get("PREFIXCAP_CACHE")
+    torch.set_num_threads(1)  # these small models train fastest on one thread, the more so on a shared machine
+    os.environ["PREFIXCAP_CACHE"] = str(cache)
+    try:
+        return run(recipe, overrides, run_dir=run_dir, report=lambda row: None)
+    finally:
+        torch.set_num_threads(threads)
+        if previous is None:
+            os.environ.pop("PREFIXCAP_CACHE")
+        else:
+            os.environ["PREFIXCAP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def quickstart_short(tmp_path_factory):
+    """The RunResult of `prefixcap run quickstart` with QUICKSTART_SHORT (its run directory is result.run_dir)."""
+    root = tmp_path_factory.mktemp("quickstart-short")
+    return train_quietly("quickstart", QUICKSTART_SHORT, root / "run", root / "cache")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models
@@ -35,10 +34,8 @@ from prefixcap.web_demo import ORT_DIR, ORT_FILES, decode_like_python, probe_ids
 
 REPO = Path(__file__).resolve().parent.parent
 WEB = REPO / "web"
+pytestmark = pytest.mark.xdist_group("quickstart-short")  # the worker that trains the shared quickstart
 CHROMIUM = Path(os.environ.get("PREFIXCAP_CHROMIUM", "/usr/bin/chromium"))
-# Long enough for captions that are right most of the time (the encoder is pretrained and ships with prefixcap).
-TRAIN = ["train.steps=300", "data.train_size=2000", "eval.every_steps=300", "data.val_size=50", "data.test_size=50",
-         "eval.clip_model=null"]  # fmt: skip
 TIDY_PROBES = ["an image of a red circle", "This is a close-up photo showing  a cat", "", "   ", "a b c?",
                "on the left of " * 12, "x" * 200, "🙂" * 130, "ß and ǆ first", "ſtrange", "ends with a dash -",
                "picture of", "it is an illustration depicting a\x1cred\x85square\u3000\ufeff"]  # fmt: skip
@@ -62,27 +59,16 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A quickstart model trained for 300 steps, exported with `prefixcap export RUN --out DIR --web`: DIR."""
+def exported(request, tmp_path_factory) -> Path:
+    """The quickstart trained for 300 steps (conftest.quickstart_short, which tests/test_learning.py holds to 85% of
+    held-out scenes stated exactly), exported with `prefixcap export RUN --out DIR --web`: DIR."""
     if problem := browser_problem():  # before minutes of training
         pytest.fail(f"the browser test cannot run: {problem}")
-    from prefixcap.train import run
-
-    root = tmp_path_factory.mktemp("web")
-    threads, cache = torch.get_num_threads(), os.environ.get("PREFIXCAP_CACHE")
-    torch.set_num_threads(1)  # this small model trains fastest on one thread, the more so on a shared machine
-    os.environ["PREFIXCAP_CACHE"] = str(root / "cache")  # not the user's cache
-    try:
-        run("quickstart", TRAIN, run_dir=root / "run", report=lambda row: None)
-    finally:
-        torch.set_num_threads(threads)
-        if cache is None:
-            os.environ.pop("PREFIXCAP_CACHE")
-        else:
-            os.environ["PREFIXCAP_CACHE"] = cache
-    result = CliRunner().invoke(cli, ["export", str(root / "run"), "--out", str(root / "web"), "--web"])
+    trained = request.getfixturevalue("quickstart_short")
+    out = tmp_path_factory.mktemp("web") / "web"
+    result = CliRunner().invoke(cli, ["export", str(trained.run_dir), "--out", str(out), "--web"])
     assert result.exit_code == 0, result.output
-    return root / "web"
+    return out
 
 
 @pytest.fixture(scope="module")
