@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +26,15 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def feature_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+def feature_cache(shared_cache, monkeypatch):
+    """One feature cache for the module (never the user's): the SMALL world is encoded once, not once a test."""
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(shared_cache))
 
 
 def quiet(row):
@@ -87,7 +95,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 def test_cached_features_give_the_same_loss_curve(tmp_path):
     cached = run("quickstart", SMALL, run_dir=tmp_path / "cached", report=quiet)
-    assert list((tmp_path / "cache" / "features").glob("*.safetensors"))
+    assert list((Path(os.environ["PREFIXCAP_CACHE"]) / "features").glob("*.safetensors"))
     in_loop = run("quickstart", [*SMALL, "train.cache_features=false"], run_dir=tmp_path / "loop", report=quiet)
     a = [r["loss"] for r in cached.history]
     b = [r["loss"] for r in in_loop.history]
@@ -185,11 +193,22 @@ def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, 
 
 
 def test_runs_with_different_precisions_share_one_process(tmp_path):
-    """accelerate's process-wide precision must not pin the first run's choice on every later run."""
-    for precision in ("bf16", "fp16", "fp32"):
+    """Each run computes in the precision its recipe asks for, even after a run with another one in the same process
+    (accelerate's process-wide setting must not pin the first run's choice on every later run)."""
+    from prefixcap.train import start
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         args = [*SMALL, f"train.precision={precision}", "train.grad_accum=2", "train.steps=2"]
-        result = run("quickstart", args, run_dir=tmp_path / precision, report=quiet)
-        assert result.steps == 2 and all(r["loss"] == r["loss"] for r in result.history)  # finite, not NaN
+        with start("quickstart", args, run_dir=tmp_path / precision, report=quiet) as trainer:
+            seen = set()  # dtypes of the decoder's first projection's outputs while training
+            layer = next(m for m in trainer.system.decoder.modules() if isinstance(m, torch.nn.Linear))
+            hook = layer.register_forward_hook(lambda module, args, out: seen.add(out.dtype) if module.training else None)
+            trainer.fit(report=quiet)
+            hook.remove()
+        assert seen == {dtype}, precision
+        assert (trainer.scaler is not None) == (precision == "fp16")  # fp16 overflows without loss scaling
+        assert all(p.dtype == torch.float32 for p in trainer.system.parameters())  # autocast: fp32 master weights
+        assert trainer.step == 2 and all(math.isfinite(r["loss"]) for r in trainer.history)
 
 
 def test_tensorboard_gets_every_logged_scalar_once_across_a_resume(tmp_path):
