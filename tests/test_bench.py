@@ -62,7 +62,11 @@ def test_bench_json_has_every_figure_for_every_entry(report):
         assert values["caption_latency_p50_ms"] <= values["caption_latency_p95_ms"]
         assert values["peak_train_memory_mb"] > 50 and values["checkpoint_mb"] > 0
         assert 0 < values["trainable_params"] < values["total_params"]
-        assert values["oracle_accuracy"] is not None and values["clip_s"] is not None
+        # the quality figures are the entry's own run's held-out metrics, as `prefixcap run` wrote them
+        run_metrics = json.loads((out / entry["label"] / "metrics.json").read_text())
+        for name in ("oracle_accuracy", "clip_s", "ref_clip_s", "cider", "bleu4"):
+            assert values[name] == run_metrics[f"test_{name}"], (entry["label"], name)
+        assert 0 <= values["oracle_accuracy"] <= 1 and 0 <= values["clip_s"] <= 2.5  # CLIP-S is 2.5 * max(cos, 0)
         # Four steps reach nothing: the reason says so, with the best value seen.
         assert values["time_to_target_s"] is None and "not reached in 4 steps" in why["time_to_target_s"]
     ratio = saved["ratios"]["prefix"]
