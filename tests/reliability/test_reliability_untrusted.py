@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import prefixcap
@@ -508,7 +509,11 @@ def test_a_saved_system_cannot_switch_remote_code_on_by_itself(tmp_path):
     with pytest.raises(CheckpointError, match=r"sets trust_remote_code \(decoder.trust_remote_code\).*trust_remote_code=True"):
         prefixcap.load(path)
     with pytest.warns(UserWarning, match="trust_remote_code is on"):
-        assert prefixcap.load(path, trust_remote_code=True).decoder is not None
+        loaded = prefixcap.load(path, trust_remote_code=True)
+    saved, rebuilt = system.state_dict(), loaded.state_dict()
+    assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy")]
+    assert loaded.caption(images, max_new_tokens=8) == system.eval().caption(images, max_new_tokens=8)
 
 
 def test_the_crossattn_baseline_refuses_pickle_only_checkpoints(payload, tmp_path):
