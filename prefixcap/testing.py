@@ -26,7 +26,8 @@ pytest collects the inherited tests (one class per component):
 The component under test takes its own slot of a prefix system; the other two slots are builtins in their tiny,
 offline form (``partner_encoder``, ``partner_connector``, ``partner_decoder``: override them as class attributes).
 Each test builds its own tiny system, so a test never sees another's training; the whole set takes 10-20 s per
-component on 2 CPU cores, most of it the ONNX export.
+component on 2 CPU cores, most of it the ONNX export. Two classes whose systems save to identical files (the same
+recipe, seed and training) share one export: pairing components in a few systems exports each system once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ ENABLED = pytest.StashKey[bool]()
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 HEAVY = ("torch", "transformers")  # what a plugin module must not import (prefixcap/hookspecs.py)
 ONNX_LOGITS_ATOL = 1e-4  # onnxruntime vs PyTorch on the same pixels; tests/test_export.py measured at most 4e-7
+
+
+# Exports by the content of the saved system they came from. Exporting is most of the kit's time (torch.export of
+# three graphs), and classes that build the very same system, as test suites pairing several components do, would
+# export it once each: identical files make an identical export, so the second class checks the first one's.
+_EXPORTS: dict[str, Path] = {}
+
+
+def _saved_system_digest(directory: Path) -> str:
+    """Hash of a System.save directory: every file's path and bytes, the manifest without its creation time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "manifest.json" and path.parent == directory:
+            manifest = json.loads(data)
+            manifest.pop("created", None)
+            data = json.dumps(manifest, sort_keys=True).encode()
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
 
 
 # --- the pytest plugin ------------------------------------------------------------------------------------------
@@ -328,9 +350,14 @@ class ComponentConformance:
         system = self.compose_system()
         self.train_step(system, self.batch(system))  # so the LoRA merge and trained connector weights matter
         system.save(tmp_path / "saved")
-        export_system(tmp_path / "saved", tmp_path / "onnx")
+        digest = _saved_system_digest(tmp_path / "saved")
+        onnx_dir = _EXPORTS.get(digest)
+        if onnx_dir is None or not (onnx_dir / "manifest.json").is_file():
+            onnx_dir = tmp_path / "onnx"
+            export_system(tmp_path / "saved", onnx_dir)
+            _EXPORTS[digest] = onnx_dir
         loaded = prefixcap.load(tmp_path / "saved")  # what export_system exported
-        captioner = OnnxCaptioner(tmp_path / "onnx", threads=1)
+        captioner = OnnxCaptioner(onnx_dir, threads=1)
         images = self.images(loaded)
         pixels = captioner.pixel_values(images)
         assert np.abs(pixels - loaded.encoder.preprocess(images).numpy()).max() <= 1e-6, "preprocessing differs"

@@ -107,6 +107,13 @@ class CausalLMDecoder(Decoder):
         tiny = cls(options.model_copy(update={"checkpoint": TINY, "finetune": "frozen"}), pretrained=True)
         tiny.model.save_pretrained(directory)
         tiny.tokenizer.save_pretrained(directory)
+        # transformers picks the tokenizer class by the config's model type when it loads one (Qwen2's adds
+        # <|endoftext|>), so the tokenizer a user gets back can be longer than the tiny vocabulary: give every token
+        # a logit, as real checkpoints do, or that token's id would index past the embeddings.
+        loaded = len(AutoTokenizer.from_pretrained(directory))
+        if loaded > tiny.model.get_input_embeddings().num_embeddings:
+            tiny.model.resize_token_embeddings(loaded)
+            tiny.model.save_pretrained(directory)
         return {"checkpoint": str(directory)}
 
     def _add_lora(self, model: nn.Module) -> nn.Module:
