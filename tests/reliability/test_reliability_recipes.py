@@ -8,7 +8,8 @@ tabs, invalid UTF-8 bytes, deep nesting, a bad tag — then runs `prefixcap vali
 Dicts go through load_recipe (the Python API's path), --set overrides through the CLI. A case broken by
 construction that is accepted fails its test. Only two tests draw cases that are not broken by construction and may
 be valid (exit 0, then checked against load_recipe): arbitrary text or bytes, and odd --set overrides. The counts
-tried are printed at the end of the module and written to $PREFIXCAP_RELIABILITY_COUNTS (JSON) when that is set.
+tried are printed at the end of the module when it runs in pytest's own process (a pytest-xdist worker has no
+terminal: `pytest -n 0` shows them) and written to $PREFIXCAP_RELIABILITY_COUNTS (JSON) when that is set.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ MAX_LINE = 500
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 COUNTS: Counter[str] = Counter()  # cases tried, by kind and outcome
+pytestmark = pytest.mark.xdist_group("recipe-fuzz")  # one tally: under pytest-xdist the module's tests share a worker
 
 
 @pytest.fixture(scope="module", autouse=True)
