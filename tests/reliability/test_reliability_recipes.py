@@ -469,7 +469,8 @@ def test_broken_recipe_text_gives_exit_2_and_a_clear_error(case):
 @given(st.one_of(st.text(ANY_CHAR, max_size=200), st.binary(max_size=200),
                  st.text(st.sampled_from("ab: -[]{},&*!|>'\"#\n\t ~"), max_size=200)))
 def test_arbitrary_text_or_bytes_as_a_recipe(text):
-    """Not broken by construction: may by chance be valid YAML, even a valid recipe (then exit 0)."""
+    """Not broken by construction: may by chance be valid YAML, even a valid recipe, which must then exit 0 and
+    load."""
     path, result = validate(text)
     check("arbitrary", path, result, invalid=False)
 
@@ -541,7 +542,8 @@ def test_invalid_set_overrides_give_exit_2(invalid, odd):
 @settings(FUZZ, max_examples=120)
 @given(st.lists(odd_override(), min_size=1, max_size=3))
 def test_odd_set_overrides(overrides):
-    """Keys and values of every shape: most are errors, a few (`--set description=...`) valid."""
+    """Not broken by construction: keys and values of every shape, most of them errors, a few valid
+    (`--set description=...`), which must then exit 0 and load."""
     overrides = tuple(overrides)
     path, result = validate(QUICKSTART, overrides)
     check("odd_override", path, result, overrides, invalid=False)
