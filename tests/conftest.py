@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,46 @@ from prefixcap.registry import reload_registry
 REPO = Path(__file__).resolve().parent.parent
 os.environ["PREFIXCAP_LOAD_PLUGINS"] = ""  # inherited by CLI subprocesses too
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach for the hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One core per worker: torch's default of a thread per core would make the workers' threads spin-wait for each
+    # other (a small model's step then takes many times longer). Inherited by the runs the tests start, too.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+SUMMARY = pytest.StashKey[list]()
+
+
+def report_in_summary(config: pytest.Config, line: str) -> None:
+    """Print ``line`` in pytest's closing summary, from pytest's own process or a pytest-xdist worker alike (a
+    worker has no terminal: its lines travel back to the controller with the worker's output)."""
+    if hasattr(config, "workeroutput"):
+        config.workeroutput.setdefault("prefixcap_summary", []).append(line)
+    else:
+        config.stash.setdefault(SUMMARY, []).append(line)
+
+
+def pytest_testnodedown(node, error):
+    node.config.stash.setdefault(SUMMARY, []).extend(getattr(node, "workeroutput", {}).get("prefixcap_summary", []))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)
+
+
+# Test files that take a minute or more of a worker, started first so that pytest-xdist (one file per worker) does
+# not leave one of them for last while the other workers sit idle. The browser test is not among them: it waits for
+# the quickstart that tests/test_learning.py trains first.
+LONGEST_FIRST = ("test_learning.py", "test_crossattn_learning.py", "test_reliability_training.py",
+                 "test_distributed.py", "test_export.py", "test_conformance.py", "test_reliability_data.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -151,8 +192,8 @@ QUICKSTART_SHORT = ["train.steps=300", "data.train_size=2000", "data.val_size=50
                     "output.tensorboard=false"]  # fmt: skip
 
 
-def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path):
-    """prefixcap.train.run on one thread with its own feature cache (never the user's): the RunResult."""
+def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop_after: int | None = None):
+    """prefixcap.train.run on one thread with the given feature cache (never the user's): the RunResult."""
     import torch
 
     from prefixcap.train import run
@@ -161,7 +202,7 @@ def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path):
     torch.set_num_threads(1)  # these small models train fastest on one thread, the more so on a shared machine
     os.environ["PREFIXCAP_CACHE"] = str(cache)
     try:
-        return run(recipe, overrides, run_dir=run_dir, report=lambda row: None)
+        return run(recipe, overrides, run_dir=run_dir, stop_after=stop_after, report=lambda row: None)
     finally:
         torch.set_num_threads(threads)
         if previous is None:
@@ -170,8 +211,59 @@ def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path):
             os.environ["PREFIXCAP_CACHE"] = previous
 
 
+def session_directory(tmp_path_factory) -> Path:
+    """pytest's temporary directory for this session, the same for every pytest-xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def learning_cache(tmp_path_factory) -> Path:
+    """The feature cache of the learning runs: they train on the same 2,000 images, encoded once. Concurrent writers
+    are safe (each renames a complete file into place), so workers share it."""
+    return session_directory(tmp_path_factory) / "learning-feature-cache"
+
+
 @pytest.fixture(scope="session")
 def quickstart_short(tmp_path_factory):
-    """The RunResult of `prefixcap run quickstart` with QUICKSTART_SHORT (its run directory is result.run_dir)."""
-    root = tmp_path_factory.mktemp("quickstart-short")
-    return train_quietly("quickstart", QUICKSTART_SHORT, root / "run", root / "cache")
+    """The RunResult of `prefixcap run quickstart` with QUICKSTART_SHORT (its run directory is result.run_dir).
+
+    Trained once per pytest session, not once per pytest-xdist worker: the first worker to ask trains it in the
+    session's shared temporary directory while holding a lock, the others wait for it and read the run back."""
+    import fcntl
+
+    from prefixcap.train import RunResult
+
+    root = session_directory(tmp_path_factory) / "quickstart-short"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            train_quietly("quickstart", QUICKSTART_SHORT, root / "run", learning_cache(tmp_path_factory))
+            (root / "done").touch()
+    run_dir = root / "run"
+    history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return RunResult(run_dir, metrics, history[-1]["step"], history)
+
+
+@pytest.fixture(scope="session")
+def shapes_files(tmp_path_factory) -> Path:
+    """The quickstart's shapes data as PNG files and JSONL indexes, a shuffled train index too (learning.py)."""
+    from learning import write_shapes_files
+
+    return write_shapes_files(tmp_path_factory.mktemp("shapes-files"))
+
+
+def update_json(path: Path, key: str, value) -> None:
+    """Set ``key`` in the JSON object in ``path`` (a report several tests, maybe in several workers, write into)."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        data = json.loads(text) if text.strip() else {}
+        data[key] = value
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")

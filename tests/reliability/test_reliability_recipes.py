@@ -8,8 +8,8 @@ tabs, invalid UTF-8 bytes, deep nesting, a bad tag — then runs `prefixcap vali
 Dicts go through load_recipe (the Python API's path), --set overrides through the CLI. A case broken by
 construction that is accepted fails its test. Only two tests draw cases that are not broken by construction and may
 be valid (exit 0, then checked against load_recipe): arbitrary text or bytes, and odd --set overrides. The counts
-tried are printed at the end of the module when it runs in pytest's own process (a pytest-xdist worker has no
-terminal: `pytest -n 0` shows them) and written to $PREFIXCAP_RELIABILITY_COUNTS (JSON) when that is set.
+tried are printed in pytest's closing summary (from a pytest-xdist worker too) and written to
+$PREFIXCAP_RELIABILITY_COUNTS (JSON) when that is set.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import datetime
 import decimal
-import json
 import os
 import re
 import reprlib
@@ -41,6 +40,8 @@ from prefixcap.cli import cli
 from prefixcap.recipe import SLOTS, EvalConfig, GenerateConfig, OutputConfig, Recipe, TrainConfig
 from prefixcap.registry import get_component, list_components
 
+from conftest import report_in_summary, update_json
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())  # valid: every case breaks a copy
 MAX_LINE = 500
@@ -49,7 +50,6 @@ MAX_LINE = 500
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 COUNTS: Counter[str] = Counter()  # cases tried, by kind and outcome
-pytestmark = pytest.mark.xdist_group("recipe-fuzz")  # one tally: under pytest-xdist the module's tests share a worker
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,18 +73,11 @@ def report_counts(request, tmp_path_factory):
     line = (f"recipe fuzz: {total} cases, {invalid} exit 2 with a clear error, {total - invalid} valid (exit 0, "
             f"{valid or 'none'}: cases not broken by construction); "
             + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown with or without -s
-            reporter.write("\n")
-            reporter.write_line(line)
+    report_in_summary(request.config, line)
     out = os.environ.get("PREFIXCAP_RELIABILITY_COUNTS")
     if out:
-        path = Path(out)
-        data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
-        data["recipes"] = {"cases": total, "exit_2": invalid, "exit_0": total - invalid, "by_kind": dict(COUNTS)}
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        update_json(Path(out), "recipes", {"cases": total, "exit_2": invalid, "exit_0": total - invalid,
+                                          "by_kind": dict(COUNTS)})  # fmt: skip
 
 
 # --- running the CLI and judging its answer ----------------------------------------------------------------------

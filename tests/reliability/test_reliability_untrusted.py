@@ -40,6 +40,8 @@ from prefixcap.encoders.siglip import SiglipEncoder
 from prefixcap.encoders.vit import VitEncoder
 from prefixcap.persist import CheckpointError
 
+from conftest import update_json
+
 REPO = Path(__file__).resolve().parents[2]
 
 # --- a. the scanner -------------------------------------------------------------------------------------------------
@@ -230,10 +232,7 @@ def test_no_pickle_load_anywhere_in_prefixcap_or_its_plugins():
     assert problems == []
     counts = os.environ.get("PREFIXCAP_RELIABILITY_COUNTS")
     if counts:
-        out = Path(counts)
-        data = json.loads(out.read_text()) if out.exists() and out.read_text().strip() else {}
-        data["untrusted"] = {"python_files_scanned": len(source_files())}
-        out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        update_json(Path(counts), "untrusted", {"python_files_scanned": len(source_files())})
 
 
 def test_trust_remote_code_is_never_a_literal_true_and_only_the_recipe_option_turns_it_on():
