@@ -34,7 +34,6 @@ from prefixcap.web_demo import ORT_DIR, ORT_FILES, decode_like_python, probe_ids
 
 REPO = Path(__file__).resolve().parent.parent
 WEB = REPO / "web"
-pytestmark = pytest.mark.xdist_group("quickstart-short")  # the worker that trains the shared quickstart
 CHROMIUM = Path(os.environ.get("PREFIXCAP_CHROMIUM", "/usr/bin/chromium"))
 TIDY_PROBES = ["an image of a red circle", "This is a close-up photo showing  a cat", "", "   ", "a b c?",
                "on the left of " * 12, "x" * 200, "🙂" * 130, "ß and ǆ first", "ſtrange", "ends with a dash -",

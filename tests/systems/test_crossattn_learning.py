@@ -1,0 +1,27 @@
+"""The cross-attention baseline learns from the right pairs, held to the same protocol as the prefix systems in
+tests/test_learning.py (which explains it); in a file of its own so that another pytest-xdist worker can train it."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import QUICKSTART_SHORT, learning_cache, train_quietly
+from learning import CROSSATTN_ACCURACY, assert_learned, assert_learned_no_scene, exact_scenes, jsonl
+
+
+@pytest.fixture(scope="module")
+def crossattn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crossattn")
+    return train_quietly("quickstart-crossattn", QUICKSTART_SHORT, root / "run", learning_cache(tmp_path_factory))
+
+
+def test_the_crossattn_baseline_learns_to_state_held_out_scenes(crossattn):
+    assert_learned(crossattn, CROSSATTN_ACCURACY)
+    assert crossattn.metrics["test_oracle_accuracy"] == exact_scenes(crossattn.run_dir)
+
+
+def test_the_crossattn_baseline_on_shuffled_pairs_learns_no_scene(crossattn, shapes_files, tmp_path_factory):
+    overrides = jsonl(shapes_files, "shuffled.jsonl")
+    root = tmp_path_factory.mktemp("crossattn-shuffled")
+    control = train_quietly("quickstart-crossattn", overrides, root / "run", learning_cache(tmp_path_factory))
+    assert_learned_no_scene(control, crossattn)
