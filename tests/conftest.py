@@ -46,18 +46,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line)
 
 
-# Test files that take a minute or more of a worker, started first so that pytest-xdist (one file per worker) does
-# not leave one of them for last while the other workers sit idle. The browser test is not among them: it waits for
-# the quickstart that tests/test_learning.py trains first.
-LONGEST_FIRST = ("test_learning.py", "test_crossattn_learning.py", "test_reliability_training.py",
-                 "test_distributed.py", "test_export.py", "test_conformance.py", "test_reliability_data.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.fixture(autouse=True)
 def builtins_only(monkeypatch):
     monkeypatch.setenv("PREFIXCAP_LOAD_PLUGINS", "")
@@ -178,6 +166,22 @@ def fit_batch(system, images, captions, steps: int, lr: float = 1e-2) -> None:
     system.eval()
 
 
+def tiny_checkpoint_options(reg, directory: Path, options: dict | None = None) -> dict:
+    """Recipe options that build ``reg`` from a tiny checkpoint the component writes into ``directory`` in its
+    library's own format (its write_tiny_checkpoint, given ``options`` or its defaults); {} if it loads none."""
+    from pydantic import ValidationError
+
+    writer = getattr(reg.load_factory(), "write_tiny_checkpoint", None)
+    if writer is None:
+        return {}
+    try:
+        parsed = reg.parse_options(options or {})
+    except ValidationError:  # e.g. causal-lm, whose checkpoint is required
+        parsed = reg.parse_options({**(options or {}), "checkpoint": "tiny"})
+    directory.mkdir(parents=True, exist_ok=True)
+    return writer(directory, parsed)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the installed `prefixcap` console script as a user would."""
     exe = Path(sys.executable).with_name("prefixcap")
@@ -198,17 +202,14 @@ def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop
 
     from prefixcap.train import run
 
-    threads, previous = torch.get_num_threads(), os.environ.get("PREFIXCAP_CACHE")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these small models train fastest on one thread, the more so on a shared machine
-    os.environ["PREFIXCAP_CACHE"] = str(cache)
     try:
-        return run(recipe, overrides, run_dir=run_dir, stop_after=stop_after, report=lambda row: None)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PREFIXCAP_CACHE", str(cache))
+            return run(recipe, overrides, run_dir=run_dir, stop_after=stop_after, report=lambda row: None)
     finally:
         torch.set_num_threads(threads)
-        if previous is None:
-            os.environ.pop("PREFIXCAP_CACHE")
-        else:
-            os.environ["PREFIXCAP_CACHE"] = previous
 
 
 def session_directory(tmp_path_factory) -> Path:

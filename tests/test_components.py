@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from pydantic import ValidationError
 
 import prefixcap
 from prefixcap.registry import Registration, list_components
+
+from conftest import tiny_checkpoint_options
 
 IMAGES = [Image.new("RGB", (40, 30), "red"), Image.new("L", (20, 20), 200)]
 CAPTIONS = ["a red square", "a grey square on the left"]
@@ -26,22 +27,8 @@ BASE: dict[str, Any] = {
 COMPONENTS = [r for r in list_components() if r.kind in ("loss", "system")]
 
 
-def tiny_options(reg: Registration, directory: Path) -> dict[str, Any]:
-    """Recipe options that build ``reg`` from a tiny checkpoint the component writes itself (if it loads any)."""
-    factory = reg.load_factory()
-    writer = getattr(factory, "write_tiny_checkpoint", None)
-    if writer is None:
-        return {}
-    try:
-        defaults = reg.parse_options({})
-    except ValidationError:  # e.g. causal-lm, whose checkpoint is required
-        defaults = reg.parse_options({"checkpoint": "tiny"})
-    directory.mkdir(parents=True, exist_ok=True)
-    return writer(directory, defaults)
-
-
 def recipe_for(reg: Registration, directory: Path) -> dict[str, Any]:
-    options = {"name": reg.name, **tiny_options(reg, directory)}
+    options = {"name": reg.name, **tiny_checkpoint_options(reg, directory)}
     if reg.kind == "loss":
         extra = [] if reg.name == "caption-ce" else [options]
         return {**BASE, "losses": [{"name": "caption-ce"}, *extra]}

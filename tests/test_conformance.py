@@ -5,7 +5,7 @@ an encoder and a connector through the entry point."""
 from __future__ import annotations
 
 import atexit
-import json
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +21,7 @@ from prefixcap.testing import ComponentConformance  # noqa: E402
 
 from prefixcap.registry import get_component, list_components  # noqa: E402
 
-from conftest import install_distribution, plugin_pyproject  # noqa: E402
+from conftest import install_distribution, plugin_pyproject, tiny_checkpoint_options  # noqa: E402
 
 pytest_plugins = ["pytester", "prefixcap.testing"]
 
@@ -41,25 +41,23 @@ CONNECTOR_OPTIONS = {
     "qformer-lite": {"queries": 4, "width": 32, "heads": 2, "layers": 1},
 }  # fmt: skip
 KIT_TINY = {"decoder": {"tiny": {"num_hidden_layers": 1}}}  # one layer: the decoder graph is most of the export
-_TINY_DIR: list[Path] = []
+
+
+@functools.cache
+def tiny_checkpoint(kind: str, name: str) -> dict[str, Any]:
+    """Options that load a builtin from its tiny checkpoint, written once per session (removed at exit)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"prefixcap-kit-{kind}-{name}-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return tiny_checkpoint_options(get_component(kind, name), directory, KIT_TINY.get(kind))
 
 
 def builtin_spec(kind: str, name: str) -> dict[str, Any]:
     """Recipe section of a builtin in the kit: connectors by their options, encoders and decoders from a tiny
-    checkpoint written once per session in their library's format."""
+    checkpoint in their library's format."""
     if kind == "connector":
         return {"name": name, **CONNECTOR_OPTIONS[name]}
-    if not _TINY_DIR:
-        _TINY_DIR.append(Path(tempfile.mkdtemp(prefix="prefixcap-kit-")))
-        atexit.register(shutil.rmtree, _TINY_DIR[0], True)
-    reg = get_component(kind, name)
-    directory = _TINY_DIR[0] / f"{kind}-{name}"
-    if not directory.exists():
-        options = reg.load_factory().write_tiny_checkpoint(directory, reg.parse_options(KIT_TINY.get(kind, {})))
-        (directory / "prefixcap-kit-options.json").write_text(json.dumps(options))
-    options = json.loads((directory / "prefixcap-kit-options.json").read_text())
     lora = {"lora": {"r": 4, "dropout": 0.0}} if kind == "decoder" else {}
-    return {"name": name, **options, **lora}
+    return {"name": name, **tiny_checkpoint(kind, name), **lora}
 
 
 class BuiltinConformance(ComponentConformance):
