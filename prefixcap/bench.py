@@ -76,7 +76,7 @@ class Protocol:
     max_new_tokens: int
     eval_examples: int | None
     clip_model: str | None
-    gen_images: int  # images captioned one at a time for latency; batch-N speed uses the whole validation split
+    gen_images: int  # images captioned one at a time for latency; batch-N speed uses 8 batches of validation images
     gen_batch: int  # N of "images/s at batch N" (also the evaluation batch)
 
     def overrides(self) -> dict[str, dict[str, Any]]:
@@ -299,7 +299,8 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[dic
             why[name] = {"oracle_accuracy": "the data has no exact oracle (only the shapes world has one)"}.get(
                 name, "eval.clip_model is null" if "clip" in name else "not computed")
     values.update(train_samples_per_s=compute, train_samples_per_s_with_data=total, timed_steps=timed)
-    values.update(caption_speed(trainer.system, trainer.val_split.pixels, entry.recipe.generate,
+    pixels = trainer.pixels(trainer.val_split, max(protocol.gen_images, 8 * protocol.gen_batch))
+    values.update(caption_speed(trainer.system, pixels, entry.recipe.generate,
                                 protocol.gen_images, protocol.gen_batch))  # fmt: skip
     values.update(peak_train_memory_mb=memory["mb"], total_params=total_params, trainable_params=trainable,
                   checkpoint_mb=_dir_mb(trainer.run_dir / "final"), steps=trainer.step,

@@ -172,10 +172,18 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
                                                                             shown.items()), highlight=False)  # fmt: skip
         elif "loss" in row:
             line = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row.get('samples_per_s', 0):.0f} samples/s"
+            if row.get("data_images_per_s"):  # beside the training rate: data slower than training starves it
+                line += f"  data {row['data_images_per_s']:.0f} images/s"
             if out.is_terminal and task is not None:
                 progress.update(task, completed=row["step"], description=line)
             else:
                 out.print(f"step {row['step']:>6}  {line}", highlight=False)
+        elif "feature_cache" in row:
+            c = row["feature_cache"]
+            built = (f"encoded {c['encoded']} images in {c['seconds']:.1f} s ({c['images_per_s']:.0f} images/s)"
+                     if c["encoded"] else "complete, reused")  # fmt: skip
+            progress.console.print(f"feature cache {c['dir']}: {c['rows']} images, {c['mb']} MB {c['dtype']}, "
+                                   f"{built}", highlight=False, soft_wrap=True)  # fmt: skip
         else:
             progress.console.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)
 

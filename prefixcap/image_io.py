@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,8 +24,9 @@ _ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _PAGE = (255, 255, 255, 255)  # the white page transparent pixels show
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """The image file at ``path`` as RGB: its first frame, upright as its EXIF orientation says; see ``to_rgb``."""
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """The image file at ``path`` (or an open binary stream) as RGB: its first frame, upright as its EXIF orientation
+    says; see ``to_rgb``."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice that; a bomb is a bomb either way.
@@ -39,7 +41,7 @@ def open_image(path: str | Path) -> Image.Image:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        empty = Path(path).is_file() and Path(path).stat().st_size == 0
+        empty = Path(path).is_file() and Path(path).stat().st_size == 0 if isinstance(path, (str, Path)) else False
         raise ImageError("empty file" if empty else "not an image in a format PIL can read", path) from None
     except OSError as e:
         if e.strerror:  # from the operating system (no such file, permission denied, ...), not from a decoder

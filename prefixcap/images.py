@@ -6,6 +6,7 @@ numbers can be written to an export manifest and replayed outside Python.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from prefixcap.image_io import open_image, to_rgb
 
 
 def to_rgb_tensor(image: Any) -> torch.Tensor:
-    """PIL image, path, HxW/HxWxC array or CxHxW tensor -> float (3, H, W) in [0, 1]."""
-    if isinstance(image, (str, Path)):
+    """PIL image, path, encoded bytes or stream, HxW/HxWxC array or CxHxW tensor -> float (3, H, W) in [0, 1]."""
+    if isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
+    if isinstance(image, (str, Path)) or hasattr(image, "read"):
         image = open_image(image)
     if isinstance(image, Image.Image):
         image = np.asarray(to_rgb(image))

@@ -318,13 +318,42 @@ class Example:
     captions: list[str]  # one or more references
 
 
+class Rows(ABC):
+    """One split with random access, read one example at a time by the trainer's DataLoader workers, so that no
+    split is ever held in memory. Captions are read without decoding the image (the trainer indexes a split by
+    them); ``identity`` keys the feature cache, so it must change whenever any image may have changed."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def captions(self, index: int) -> list[str]: ...
+
+    @abstractmethod
+    def image(self, index: int) -> Any:
+        """A PIL image, a path, encoded bytes or an array; an unreadable one raises (ImageError or anything)."""
+
+    @abstractmethod
+    def identity(self) -> str: ...
+
+
 class DatasetSource(ABC):
-    """Where (image, captions) examples come from, by split ("train", "val", "test")."""
+    """Where (image, captions) examples come from, by split ("train", "val", "test").
+
+    ``examples`` is all a source must write. The trainer reads ``rows``: a source that can look an example up by its
+    position (a file index, an Arrow table, a generator with a seed per example) returns its own ``Rows``; the
+    default writes ``examples`` once to an Arrow file in a temporary directory and reads it memory-mapped."""
 
     clip_model: str | None = None  # a CLIPScore model suited to this data (eval.clip_model: auto); None: CLIP B/32
 
     @abstractmethod
     def examples(self, split: str) -> Iterator[Example]: ...
+
+    def rows(self, split: str) -> Rows | None:
+        """Random access to ``split`` (None: this source has no such split)."""
+        from prefixcap.data.rows import spool
+
+        return spool(self.examples(split))
 
     def task_metrics(self, split: str, indices: Sequence[int], captions: Sequence[str]) -> dict[str, float]:
         """Metrics only this data can compute (e.g. the shapes oracle's exact-scene accuracy): ``captions[k]`` was

@@ -12,7 +12,7 @@ import re
 import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -75,6 +75,11 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
+    cache_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="how cached features are stored: fp16 "
+                                                         "halves the disk of fp32 (docs/data.md)")  # fmt: skip
+    num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto", description="DataLoader processes decoding images (0: in the training process); auto: all cores "
+        "but one, at most 8, while images are decoded, none while cached features are read")
 
 
 class EvalConfig(_Section):

@@ -21,27 +21,26 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import threading
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from prefixcap.compose import compose
 from prefixcap.errors import PrefixcapError, summary
-from prefixcap.images import ImageError, to_rgb_tensor
-from prefixcap.interfaces import Batch, DatasetSource, System
+from prefixcap.data.cache import BuildReport, cache_key, cache_root, load_or_build
+from prefixcap.data.loader import (CaptionSet, EvalItems, Item, MicroBatches, RowImages, TrainItems, default_workers,
+                                   fingerprint_update, index_split, loader)
+from prefixcap.interfaces import Batch, DatasetSource, Encoder, System
 from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, ClipScorer
 from prefixcap.persist import publish_dir, save_system, sweep_temporaries, temporary_sibling, write_atomic
 from prefixcap.recipe import Recipe, load_recipe
@@ -63,22 +62,6 @@ class RunInterrupted(RunError):
 
 
 @dataclass
-class Split:
-    """One split, decoded once: normalised pixels (or cached encoder features) and every reference caption."""
-
-    name: str
-    pixels: Tensor  # (N, 3, S, S)
-    references: list[list[str]]
-    indices: list[int]  # position of each kept example in the source's split
-    skipped: int = 0  # unreadable or corrupt images, counted and left out
-    features: Tensor | None = None  # (N, T, D) when the encoder is frozen
-    clip_images: Tensor | None = None  # (N, D) CLIPScore image embeddings, computed once for held-out splits
-
-    def __len__(self) -> int:
-        return len(self.references)
-
-
-@dataclass
 class RunResult:
     run_dir: Path
     metrics: dict[str, float]
@@ -88,31 +71,6 @@ class RunResult:
 
 
 # --- data ------------------------------------------------------------------------------------------------------
-
-
-def load_split(source: DatasetSource, split: str, system: System, limit: int | None = None,
-               scorer: ClipScorer | None = None) -> Split:  # fmt: skip
-    pixels, references, indices, skipped, rgb = [], [], [], 0, []
-    for i, example in enumerate(source.examples(split)):
-        if limit is not None and i >= limit:
-            break
-        refs = [c for c in example.captions if c.strip()]
-        try:
-            if not refs:
-                raise ImageError("no caption")
-            image = to_rgb_tensor(example.image)
-            pixels.append(system.encoder.preprocess([image])[0])
-        except ImageError:
-            skipped += 1  # a broken image (or an uncaptioned one) costs one example, never the run
-            continue
-        references.append(refs)
-        indices.append(i)
-        if scorer is not None:
-            rgb.append(Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()))
-    if not pixels:
-        return Split(split, torch.empty(0), [], [], skipped)
-    clip_images = scorer.image_embeddings(rgb) if scorer is not None else None
-    return Split(split, torch.stack(pixels), references, indices, skipped, clip_images=clip_images)
 
 
 def load_scorer(recipe: Recipe, source: DatasetSource) -> ClipScorer | None:
@@ -128,65 +86,91 @@ def load_scorer(recipe: Recipe, source: DatasetSource) -> ClipScorer | None:
         raise RunError(f"{e} (eval.clip_model picks the CLIPScore model; set it to null to skip CLIPScore)") from e
 
 
-def feature_cache_key(system: System, split: Split) -> str:
-    """Features depend on the encoder's weights and preprocessing and on the images: hash exactly those."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(system.encoder.state_dict().items()):
-        h.update(name.encode())
-        # reshape: a 0-dim tensor (BatchNorm's num_batches_tracked) has no last dimension to view as bytes
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(system.encoder.image_processor).encode())
-    h.update(split.pixels.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
+class Preprocess:
+    """What a DataLoader worker runs on each image: the encoder's ImageProcessor (a small picklable value), or the
+    encoder's own ``preprocess`` where a plugin overrides it."""
+
+    def __init__(self, encoder: Any):
+        own = type(encoder).preprocess is not Encoder.preprocess if isinstance(encoder, Encoder) else False
+        self.encoder, self.processor = (encoder if own else None), encoder.image_processor
+
+    def one(self, image: Tensor) -> Tensor:
+        return self.encoder.preprocess([image])[0] if self.encoder is not None else self.processor.one(image)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PREFIXCAP_CACHE", Path.home() / ".cache" / "prefixcap")) / "features"
+def workers(recipe: Recipe, decoding: bool) -> int:
+    n = recipe.train.num_workers
+    return default_workers(decoding) if n == "auto" else n
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True):
+    """A bar with ETA on stderr while a long pass over the data runs; yields ``update(done, total)``."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    progress = Progress(*columns, console=Console(stderr=True))
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # shown only once there is work to show (a complete cache reports nothing)
+            task = progress.add_task(description, total=total)
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        progress.stop()
 
 
 @torch.no_grad()
-def encode_split(system: System, split: Split, batch_size: int) -> Tensor:
-    """Frozen-encoder features for a split, computed once and kept on disk for later runs and recipes."""
-    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
-    if path.exists():
-        try:
-            return load_file(str(path))["features"]
-        except Exception:  # a truncated cache file is recomputed, not fatal
-            path.unlink(missing_ok=True)
-    system.encoder.eval()
-    device = next(system.encoder.parameters()).device
-    chunks = [system.encoder(split.pixels[i : i + batch_size].to(device)).cpu()
-              for i in range(0, len(split), batch_size)]  # fmt: skip
-    features = torch.cat(chunks)  # (N, T, D)
-    # Two runs may encode the same split at once: each writes its own file and renames it into place (atomic on
-    # one file system), so a reader sees no file or a complete one, and the last writer's identical copy wins.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def cache_features(system: System, split: CaptionSet, *, dtype: str = "fp16", batch_size: int = 32,
+                   num_workers: int | None = None, report=None, show_progress: bool = False) -> BuildReport | None:  # fmt: skip
+    """Read ``split`` from now on as the frozen encoder's cached features, building the cache first where it is
+    missing or incomplete. A cache that cannot be written (a full or read-only disk) costs the cache, not the run:
+    the split then stays pixels, encoded batch by batch. Returns the BuildReport, or None without a cache."""
+    encoder = system.encoder
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    key = cache_key(encoder, split.rows, dtype)
+    preprocess = Preprocess(encoder)
+    n_workers = default_workers(decoding=True) if num_workers is None else num_workers
+
+    def batches(span: range):
+        return loader(RowImages(split.rows, span, preprocess), workers=n_workers, batch_size=batch_size)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(tmp))
-        tmp.replace(path)
-    except Exception as e:  # a full or read-only cache costs the cache, not the run
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"cannot write the feature cache {path.parent}: {_os_reason(e)}; features are recomputed "
-                      "next time (PREFIXCAP_CACHE moves the cache)", stacklevel=2)  # fmt: skip
-    return features
+        with progress_bar("caching encoder features", show_progress) as update:
+            cache, built = load_or_build(key, split.rows, (encoder.num_tokens, encoder.dim), dtype,
+                                         lambda pixels: encoder(pixels.to(device)), batches, update)  # fmt: skip
+    except OSError as e:
+        warnings.warn(f"cannot write the feature cache {cache_root()}: {_os_reason(e)}; training encodes every batch "
+                      "instead (PREFIXCAP_CACHE moves the cache)", stacklevel=2)  # fmt: skip
+        return None
+    split.use_features(cache)
+    if report is not None:
+        rate = round(built.encoded / built.seconds, 1) if built.encoded else None
+        report({"feature_cache": {"dir": str(cache.directory), "rows": built.rows, "encoded": built.encoded,
+                                  "seconds": round(built.seconds, 2), "mb": round(built.nbytes / 2**20, 1),
+                                  "dtype": dtype, "images_per_s": rate}})  # fmt: skip
+    return built
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def pick_reference(seed: int, epoch: int, index: int, references: list[str]) -> str:
-    """One reference per image per epoch, drawn afresh each epoch (more references, less overfitting)."""
-    return references[random.Random(f"{seed}:{epoch}:{index}").randrange(len(references))]
-
-
-def make_batch(system: System, split: Split, indices: Sequence[int], captions: Sequence[str], max_tokens: int) -> Batch:
+def make_batch(system: System, items: Sequence[Item], max_tokens: int, features: bool = False) -> Batch:
+    """A batch from worker items (all readable): their pixels, or their cached features when ``features``."""
+    captions = [item.caption for item in items]
     input_ids, mask, labels = system.tokenize(captions, max_tokens)
-    features = split.features[list(indices)] if split.features is not None else None
-    pixels = None if features is not None else split.pixels[list(indices)]
-    return Batch(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels, features=features,
-                 captions=list(captions), references=[split.references[i] for i in indices])  # fmt: skip
+    x = torch.stack([item.x for item in items])
+    return Batch(pixel_values=None if features else x, input_ids=input_ids, attention_mask=mask, labels=labels,
+                 features=x if features else None, captions=captions,
+                 references=[item.references for item in items])  # fmt: skip
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------
@@ -231,29 +215,46 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
 
 
 @torch.no_grad()
-def evaluate(system: System, source: DatasetSource, split: Split, recipe: Recipe,
+def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: Recipe,
              scorer: ClipScorer | None = None) -> tuple[dict[str, float], list]:  # fmt: skip
+    """Captions, loss and metrics for a split, streamed: workers decode a batch of images at a time, and only the
+    captions and per-image scores are kept (CIDEr and the oracle need every caption; no image is kept)."""
     from prefixcap.metrics.captioning import caption_metrics
 
     system.eval()
     device = next(system.parameters()).device
-    bs = recipe.eval.batch_size
+    items_in = loader(EvalItems(split, Preprocess(system.encoder), rgb=scorer is not None),
+                      workers=workers(recipe, decoding=True), batch_size=recipe.eval.batch_size)  # fmt: skip
     captions: list[str] = []
-    losses = []
-    for i in range(0, len(split), bs):
-        idx = list(range(i, min(i + bs, len(split))))
-        captions += system.generate(split.pixels[idx].to(device), recipe.generate)
-        batch = make_batch(system, split, idx, [split.references[j][0] for j in idx], recipe.train.max_caption_tokens)
-        losses.append(float(system.loss(_to(batch, device))[0]) * len(idx))
-    metrics = {"loss": sum(losses) / max(1, len(split))}
-    metrics.update(caption_metrics(captions, split.references))
-    metrics.update(source.task_metrics(split.name, split.indices, captions))
-    samples = [{"index": i, "caption": c, "references": r}
-               for i, c, r in zip(split.indices, captions, split.references)]  # fmt: skip
-    if scorer is not None and split.clip_images is not None and captions:
-        scores = scorer.score_embedded(split.clip_images, captions, split.references)
-        metrics.update(clip_s=scores.clip_s, ref_clip_s=scores.ref_clip_s)
-        for sample, s, ref in zip(samples, scores.per_image_clip_s, scores.per_image_ref_clip_s):
+    references: list[list[str]] = []
+    rows: list[int] = []
+    clip, ref_clip = [], []
+    loss_sum = 0.0
+    for items in items_in:
+        split.broken.update(item.row for item in items if item.x is None)
+        items = [item for item in items if item.x is not None]
+        if not items:
+            continue
+        batch = make_batch(system, items, recipe.train.max_caption_tokens)
+        generated = system.generate(batch.pixel_values.to(device), recipe.generate)
+        loss_sum += float(system.loss(_to(batch, device))[0]) * len(items)
+        if scorer is not None:
+            from PIL import Image
+
+            embedded = scorer.image_embeddings([Image.fromarray(item.rgb) for item in items])
+            scores = scorer.score_embedded(embedded, generated, [item.references for item in items])
+            clip += scores.per_image_clip_s
+            ref_clip += scores.per_image_ref_clip_s
+        captions += generated
+        references += [item.references for item in items]
+        rows += [item.row for item in items]
+    metrics = {"loss": loss_sum / max(1, len(captions))}
+    metrics.update(caption_metrics(captions, references))
+    metrics.update(source.task_metrics(split.name, rows, captions))
+    samples = [{"index": i, "caption": c, "references": r} for i, c, r in zip(rows, captions, references)]
+    if clip:
+        metrics.update(clip_s=sum(clip) / len(clip), ref_clip_s=sum(ref_clip) / len(ref_clip))
+        for sample, s, ref in zip(samples, clip, ref_clip):
             sample.update(clip_s=round(s, 5), ref_clip_s=round(ref, 5))
     return metrics, samples
 
@@ -372,10 +373,10 @@ def _tensorboard_installed() -> bool:
 class Run:
     """One training run; ``run()`` below is the way to start one."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path):
+    def __init__(self, recipe: Recipe, run_dir: Path, report=print):
         from accelerate import Accelerator
 
-        self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
+        self.recipe, self.run_dir, t, self.report = recipe, run_dir, recipe.train, report
         self.lock = None  # run_dir/.lock while this run may write there (set by start())
         self.tensorboard = recipe.output.tensorboard is not False and _tensorboard_installed()
         if recipe.output.tensorboard and not self.tensorboard:
@@ -401,22 +402,28 @@ class Run:
         self.system = compose(recipe)
         self.source: DatasetSource = create("dataset", recipe.data.name, recipe.data.options)
         self.scorer = load_scorer(recipe, self.source)  # before the data: a missing model fails in seconds
-        self.train_split = load_split(self.source, "train", self.system)
-        if not len(self.train_split):
-            raise RunError(f"data {recipe.data.name!r}: no usable training examples")
-        self.val_split = load_split(self.source, "val", self.system, recipe.eval.max_examples, self.scorer)
+        self.train_split = index_split(self.source, "train")
+        self.val_split = index_split(self.source, "val", recipe.eval.max_examples)
         self.frozen_encoder = not any(p.requires_grad for p in self.system.encoder.parameters())
-        if self.frozen_encoder and self.system.accepts_features and recipe.train.cache_features:
+        self.cache_report = None
+        if len(self.train_split) and self.frozen_encoder and self.system.accepts_features and t.cache_features:
             with self.accelerator.main_process_first():  # the others then read the features it cached
-                self.train_split.features = encode_split(self.system, self.train_split, recipe.eval.batch_size)
+                n = None if t.num_workers == "auto" else t.num_workers
+                self.cache_report = cache_features(self.system, self.train_split, dtype=t.cache_dtype, num_workers=n,
+                                                   batch_size=recipe.eval.batch_size, report=self.report if self.main
+                                                   else None, show_progress=self.main)  # fmt: skip
+        if not len(self.train_split):
+            raise RunError(f"data {recipe.data.name!r}: no usable training examples (every one lacks a caption or "
+                           "its image could not be read)")  # fmt: skip
         self.optimizer, self.scheduler = make_optimizer(self.system, recipe)
         self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
         self.step = 0
         self.train_seconds = 0.0  # in training steps only: evaluation and checkpoints are not counted
         self.step_times: list[tuple[float, float]] = []  # (data s, compute s) of each step this process took
         self.data_seen = hashlib.sha256()  # every (index, caption) trained on, in order: `prefixcap bench` checks it
+        self.data_items, self.data_busy_s = 0, 0.0  # examples the data path delivered, and the seconds it spent
         self.history: list[dict[str, Any]] = []
-        self._order_cache: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
+        self._batches: Iterator[list[Item]] | None = None  # the training DataLoader, started at the first step
         # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
         self.best: dict[str, Any] = {"value": None, "step": None, "stale": 0}
 
@@ -427,7 +434,8 @@ class Run:
         self.release()
 
     def release(self) -> None:
-        """Let another run use the run directory."""
+        """Stop the data workers and let another run use the run directory."""
+        self._batches = None
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -483,26 +491,45 @@ class Run:
             _write_jsonl(self.run_dir / "log.jsonl", self.history)  # drop what the interrupted run logged after it
 
     # training
-    def micro_batch(self, k: int) -> Batch:
-        """This process's slice of micro-batch number k of the endless stream of shuffled epochs (a pure function of
-        seed and k, so the processes' slices together are the micro-batch a single process would take)."""
-        t, n = self.recipe.train, len(self.train_split)
-        per = t.batch_size // self.accelerator.num_processes
-        first = k * t.batch_size + self.accelerator.process_index * per
-        indices, captions = [], []
-        for pos in range(first, first + per):
-            epoch, offset = divmod(pos, n)
-            i = self._order(epoch)[offset]
-            indices.append(i)
-            captions.append(pick_reference(t.seed, epoch, i, self.train_split.references[i]))
-        self.data_seen.update(json.dumps([[self.train_split.indices[i] for i in indices], captions]).encode())
-        batch = make_batch(self.system, self.train_split, indices, captions, t.max_caption_tokens)
+    def micro_batch(self) -> Batch:
+        """This process's slice of the next micro-batch of the endless stream of shuffled epochs. Which examples and
+        captions it holds is a pure function of (seed, micro-batch number), computed by the sampler, so the
+        processes' slices together are the micro-batch a single process would take, and a resumed run takes the
+        ones an uninterrupted run would have."""
+        t = self.recipe.train
+        if self._batches is None:
+            features = self.train_split.features is not None
+            sampler = MicroBatches(len(self.train_split), t.seed, t.batch_size, self.accelerator.num_processes,
+                                   self.accelerator.process_index, start=self.step * t.grad_accum)  # fmt: skip
+            self.train_workers = workers(self.recipe, decoding=not features)
+            items = TrainItems(self.train_split, t.seed, Preprocess(self.system.encoder))
+            self._batches = iter(loader(items, workers=self.train_workers, batch_sampler=sampler))
+        while True:
+            items = next(self._batches)
+            self.data_items += len(items)
+            self.data_busy_s += sum(item.seconds for item in items)
+            self.train_split.broken.update(item.row for item in items if item.x is None)
+            items = [item for item in items if item.x is not None]  # an unreadable image costs its example
+            fingerprint_update(self.data_seen, [item.row for item in items], [item.caption for item in items])
+            if items:
+                break
+        batch = make_batch(self.system, items, t.max_caption_tokens, features=self.train_split.features is not None)
         return _to(batch, self.accelerator.device)
 
-    def _order(self, epoch: int) -> list[int]:
-        if self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(self.recipe.train.seed, epoch, len(self.train_split)))
-        return self._order_cache[1]
+    def pixels(self, split: CaptionSet, n: int) -> Tensor:
+        """The first ``n`` readable images of ``split``, preprocessed (for timing captioning, not for training)."""
+        out = []
+        for items in loader(EvalItems(split, Preprocess(self.system.encoder), rgb=False), workers=0, batch_size=n):
+            out += [item.x for item in items if item.x is not None]
+            if len(out) >= n:
+                break
+        return torch.stack(out[:n])
+
+    def data_images_per_s(self) -> float | None:
+        """What the data path can deliver: images read per second of reading, times the processes reading."""
+        if not self.data_busy_s:
+            return None
+        return round(self.data_items / self.data_busy_s * max(1, getattr(self, "train_workers", 0)), 1)
 
     def train_step(self) -> float:
         t = self.recipe.train
@@ -510,7 +537,7 @@ class Run:
         total, data_s, started = 0.0, 0.0, time.perf_counter()
         for j in range(t.grad_accum):
             tic = time.perf_counter()
-            batch = self.micro_batch(self.step * t.grad_accum + j)
+            batch = self.micro_batch()
             data_s += time.perf_counter() - tic
             with self.accelerator.accumulate(self.model):
                 with self.autocast():
@@ -559,7 +586,7 @@ class Run:
         total_tokens, total_loss = self.accelerator.reduce(torch.stack([tokens, loss.detach().float() * tokens]), "sum")
         return loss * (tokens * processes / total_tokens), float(total_loss / total_tokens)
 
-    def evaluate(self, split: Split) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def evaluate(self, split: CaptionSet) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = evaluate(self.system, self.source, split, self.recipe, self.scorer)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -615,6 +642,7 @@ class Run:
                                        "lr": self.scheduler.get_last_lr()[0], "train_s": round(self.train_seconds, 4)}
                 if self.step % out.log_every_steps == 0 or last:
                     row["samples_per_s"] = round(seen / (time.perf_counter() - started), 2)
+                    row["data_images_per_s"] = self.data_images_per_s()
                     report(row)
                 improved = False
                 if self.step % every_eval == 0 or last:
@@ -689,11 +717,11 @@ class Run:
 
     def finish(self) -> dict[str, float]:
         """Evaluate on the held-out split and write final/, metrics.json, samples.jsonl and the curves."""
-        test = load_split(self.source, "test", self.system, self.recipe.eval.max_examples, self.scorer)
+        test = index_split(self.source, "test", self.recipe.eval.max_examples)
         split = test if len(test) else self.val_split
         metrics, samples = self.evaluate(split)
         metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
-        skipped = self.train_split.skipped + self.val_split.skipped + test.skipped
+        skipped = sum(s.skipped + len(s.broken) for s in (self.train_split, self.val_split, test))
         metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
                         "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
         if self.main:
@@ -754,7 +782,7 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
         sweep_temporaries(run_dir)  # what a killed run was writing (checkpoints/ too); with the lock, nobody else is
         write_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
     state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
-    trainer = Run(recipe, run_dir)
+    trainer = Run(recipe, run_dir, report)
     trainer.lock = lock
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:

@@ -12,7 +12,7 @@ from prefixcap.bench import BenchError, Target, bench, plan, time_to_target
 from prefixcap.bench_report import COLUMNS
 from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
-from prefixcap.train import epoch_order, pick_reference
+from prefixcap.data.loader import epoch_order, pick_reference
 
 SMALL = ["data.train_size=48", "data.val_size=6", "data.test_size=6"]
 STEPS, BATCH, SEED = 4, 16, 3  # 4 x 16 = 64 > 48: the second epoch (a new order) starts inside the run

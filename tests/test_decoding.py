@@ -10,7 +10,8 @@ from PIL import Image
 from prefixcap import compose, create
 from prefixcap.decoding import greedy
 from prefixcap.recipe import GenerateConfig
-from prefixcap.train import evaluate, load_split
+from prefixcap.data.loader import index_split
+from prefixcap.train import evaluate
 
 from conftest import fit_batch
 
@@ -65,7 +66,7 @@ def test_the_fast_path_is_on_by_default_and_changes_no_caption_or_metric(tmp_pat
     # a run's evaluation (exact-scene accuracy, CIDEr, ... on the shapes world) is the same number either way
     quickstart = compose("quickstart")
     source = create("dataset", "shapes", {"test_size": 16})
-    split = load_split(source, "test", quickstart)
+    split = index_split(source, "test")
     recipe = quickstart.recipe
     on, _ = evaluate(quickstart, source, split, recipe)
     off, _ = evaluate(quickstart, source, split, recipe.model_copy(

@@ -71,7 +71,7 @@ def metrics(run_dir: Path) -> dict:
 def log(run_dir: Path) -> dict[str, float]:
     """Every logged number but the timings, as {"step/name": value}: the loss of each step, every evaluation."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    flat = {f"{r['step']}/{k}": v for r in rows for k, v in r.items() if k not in ("val", "samples_per_s", "train_s")}
+    flat = {f"{r['step']}/{k}": v for r in rows for k, v in r.items() if k not in ("val", "samples_per_s", "data_images_per_s", "train_s")}
     return flat | {f"{r['step']}/val_{k}": v for r in rows for k, v in r.get("val", {}).items()}
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prefixcap.data import ShapesOptions
-from prefixcap.interfaces import DatasetSource, Example
+from prefixcap.interfaces import DatasetSource, Example, Rows
 
 # Saturated, far apart in RGB and from the grey background, so colour is never the hard part at 64 pixels.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -149,6 +149,9 @@ class ShapesSource(DatasetSource):
         for index in range(self.size(split)):
             yield self.example(split, index)
 
+    def rows(self, split: str) -> ShapesRows:
+        return ShapesRows(self, split)
+
     def scenes(self, split: str) -> Iterator[Scene]:
         """The scenes of ``examples(split)``, in order, without drawing any image (for scoring a model's captions)."""
         for index in range(self.size(split)):
@@ -212,3 +215,25 @@ class ShapesSource(DatasetSource):
             else:  # triangle, pointing up
                 draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
         return image
+
+
+class ShapesRows(Rows):
+    """A split drawn on demand: example ``i`` is a pure function of (options, split, i), so nothing is stored."""
+
+    def __init__(self, source: ShapesSource, split: str):
+        self.source, self.split, self.n = source, split, source.size(split)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def captions(self, index: int) -> list[str]:
+        return references(self.source._layout(self.split, self.source._rng(self.split, index))[0])
+
+    def image(self, index: int) -> Image.Image:
+        return self.source.example(self.split, index).image
+
+    def identity(self) -> str:
+        # The generator's own version: drawing code that changes pictures must change it, or caches go stale.
+        # Other splits' sizes are left out: a longer val split leaves the train pictures as they were.
+        others = {f"{s}_size" for s in SPLITS if s != self.split}
+        return f"shapes-1:{self.split}:{self.source.options.model_dump_json(exclude=others)}"

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from prefixcap import compose, create
-from prefixcap.train import cache_dir, encode_split, feature_cache_key, load_split
+from prefixcap.data.loader import index_split
+from prefixcap.train import cache_features
 
 from conftest import REPO, fit_batch, run_cli
 from image_files import png_bomb, write_inputs
@@ -79,28 +80,25 @@ def test_captioning_every_kind_of_bad_image_reports_each_and_captions_the_rest(i
 WRITER = """
     import hashlib, os, sys, time
     from pathlib import Path
-    from safetensors.torch import load_file
+    import prefixcap.data.cache as cache
     from prefixcap import compose, create
-    from prefixcap.train import cache_dir, encode_split, feature_cache_key, load_split
+    from prefixcap.data.loader import index_split
+    from prefixcap.train import cache_features
 
+    cache.SHARD_BYTES = 256 * 64 * 128 * 2  # 256 rows a shard: four shards, so builders could interleave them
     system = compose("quickstart")
-    split = load_split(create("dataset", "shapes", {"train_size": 1024}), "train", system)
-    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
+    split = index_split(create("dataset", "shapes", {"train_size": 1024}), "train")
     barrier, writers = Path(sys.argv[1]), int(sys.argv[2])
     (barrier / str(os.getpid())).touch()
-    while len(list(barrier.iterdir())) < writers:  # every writer starts encoding at the same moment
+    while len(list(barrier.iterdir())) < writers:  # every writer starts building at the same moment
         time.sleep(0.01)
-    features = encode_split(system, split, 64)
-    reads = 0
-    for _ in range(200):  # while the others are still writing: the file is absent or complete, never partial
-        if path.exists():
-            assert torch.equal(load_file(str(path))["features"], features)
-            reads += 1
-    print(hashlib.sha256(features.numpy().tobytes()).hexdigest(), reads)
+    built = cache_features(system, split, num_workers=0, batch_size=64)
+    features = split.features.read(range(1024))
+    print(hashlib.sha256(features.numpy().tobytes()).hexdigest(), built.encoded)
 """
 
 
-def test_runs_writing_the_feature_cache_at_once_do_not_corrupt_it(tmp_path):
+def test_runs_building_the_feature_cache_at_once_do_not_corrupt_it(tmp_path):
     env = {**os.environ, "PREFIXCAP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     script = "import torch\n" + textwrap.dedent(WRITER)
     barrier = tmp_path / "barrier"
@@ -110,21 +108,28 @@ def test_runs_writing_the_feature_cache_at_once_do_not_corrupt_it(tmp_path):
     outputs = [w.communicate(timeout=300) for w in writers]
     assert all(w.returncode == 0 for w in writers), [err for _, err in outputs]
     digests = {out.split()[0] for out, _ in outputs}
-    assert len(digests) == 1  # every writer computed, and read back, the same features
-    files = list((tmp_path / "cache" / "features").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temporaries left behind
-    assert load_file(str(files[0]))["features"].shape[0] == 1024
+    assert len(digests) == 1  # every writer read back the same features
+    assert sorted(int(out.split()[1]) for out, _ in outputs) == [0, 0, 1024]  # one built, two waited and read it
+    (directory,) = [p for p in (tmp_path / "cache" / "features").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in directory.iterdir()) == ["done.json", *(f"shard-{i:05d}.safetensors"
+                                                                          for i in range(4))]  # no temporaries
+    with safe_open(str(directory / "shard-00003.safetensors"), "pt") as shard:  # any safetensors reader opens it
+        assert shard.get_tensor("features").shape == (256, 64, 128) and shard.get_tensor("ok").all()
 
 
-def test_a_truncated_cache_file_is_recomputed(tmp_path, monkeypatch):
+def test_a_truncated_cache_shard_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("prefixcap.data.cache.SHARD_BYTES", 16 * 64 * 128 * 2)  # 16 rows a shard
     system = compose("quickstart")
-    split = load_split(create("dataset", "shapes", {"train_size": 64}), "train", system)
-    features = encode_split(system, split, 32)
-    path = cache_dir() / f"{feature_cache_key(system, split)}.safetensors"
+    source = create("dataset", "shapes", {"train_size": 64})
+    first = index_split(source, "train")
+    cache_features(system, first, num_workers=0)
+    features = first.features.read(range(64))
+    path = first.features.directory / "shard-00002.safetensors"
     path.write_bytes(path.read_bytes()[:1000])  # a copy cut short (a full disk, a killed rsync)
-    assert torch.equal(encode_split(system, split, 32), features)
-    assert torch.equal(load_file(str(path))["features"], features)  # and the cache is whole again
+    again = index_split(source, "train")
+    assert cache_features(system, again, num_workers=0).encoded == 16  # that shard only
+    assert torch.equal(again.features.read(range(64)), features)  # and the cache is whole again
 
 
 def test_captioning_into_a_pipe_that_closes_early_ends_quietly(images, saved):

@@ -1,0 +1,167 @@
+"""Random access to a split without holding it: Arrow tables read memory-mapped, one row at a time.
+
+`datasets` keeps a table on disk and maps it, so a split of any size costs the pages a worker is reading. Images stay
+undecoded (`Image(decode=False)`: bytes or a path) until a DataLoader worker turns one into pixels through
+prefixcap's own reader, with its limits, rather than through `datasets`' decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from prefixcap.interfaces import Example, Rows
+
+# Changing how a split is indexed or fingerprinted changes this, so nothing written by an older layout is reused.
+FORMAT = "rows-1"
+
+
+def prefixcap_cache() -> Path:
+    return Path(os.environ.get("PREFIXCAP_CACHE", Path.home() / ".cache" / "prefixcap"))
+
+
+def image_signature(value: Any) -> bytes:
+    """What identifies an undecoded image: its bytes' digest, or its path with size and modification time (a file
+    rewritten in place changes both), so a cache key need not decode a single image."""
+    if isinstance(value, dict):  # datasets' Image(decode=False): {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(value).digest()
+    if isinstance(value, (str, Path)):
+        try:
+            st = os.stat(value)
+            return f"{os.path.abspath(value)}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+        except OSError:
+            return f"{os.path.abspath(value)}\0missing".encode()
+    return repr(value).encode()
+
+
+def undecoded(value: Any) -> Any:
+    """An Arrow image cell as something prefixcap.images reads: a path, or the file's bytes as a stream."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return io.BytesIO(value["bytes"])
+        return value.get("path")
+    return value
+
+
+class ArrowRows(Rows):
+    """A `datasets.Dataset` with an image column and one or more caption columns (each a string or a list)."""
+
+    def __init__(self, data: Any, image_column: str, caption_columns: list[str], identity: str | None = None):
+        import datasets
+
+        if isinstance(data.features.get(image_column), datasets.Image):
+            data = data.cast_column(image_column, datasets.Image(decode=False))
+        self.images = data.select_columns([image_column])
+        self.texts = data.select_columns(caption_columns)
+        self.image_column, self.caption_columns = image_column, caption_columns
+        self._identity = identity
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def captions(self, index: int) -> list[str]:
+        row = self.texts[int(index)]
+        found: list[str] = []
+        for column in self.caption_columns:
+            value = row[column]
+            found += [value] if isinstance(value, str) else list(value or [])
+        return [c for c in found if isinstance(c, str)]
+
+    def image(self, index: int) -> Any:
+        return undecoded(self.images[int(index)][self.image_column])
+
+    def identity(self) -> str:
+        if self._identity is None:
+            # Every image's signature, read column-wise a thousand rows at a time: memory stays flat.
+            h = hashlib.sha256(FORMAT.encode())
+            for batch in self.images.iter(batch_size=1000):
+                for value in batch[self.image_column]:
+                    h.update(image_signature(value))
+            self._identity = h.hexdigest()
+        return self._identity
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """`datasets` draws its own progress bars while it writes a table: prefixcap reports progress itself."""
+    import datasets
+
+    was = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.enable_progress_bars()
+
+
+def _spooled(examples: Iterable[Example]) -> Iterator[dict[str, Any]]:
+    for example in examples:
+        image = example.image
+        if isinstance(image, Path):
+            image = str(image)
+        elif isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        elif not isinstance(image, (str, Image.Image, bytes)):  # a tensor, say: kept as PNG like any array
+            try:
+                from prefixcap.images import to_rgb_tensor
+
+                image = Image.fromarray(to_rgb_tensor(image).mul(255).round().byte().permute(1, 2, 0).numpy())
+            except Exception:
+                image = repr(image)  # unreadable later, counted as a broken image rather than failing the spool
+        if isinstance(image, Image.Image):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = {"bytes": buffer.getvalue(), "path": None}
+        elif isinstance(image, bytes):
+            image = {"bytes": image, "path": None}
+        else:
+            image = {"bytes": None, "path": image}
+        yield {"image": image, "captions": [c for c in example.captions if isinstance(c, str)]}
+
+
+def spool(examples: Iterable[Example]) -> ArrowRows | None:
+    """Rows for a source that can only be iterated: its examples written once to an Arrow file in a temporary
+    directory (removed with the returned rows), images as files' bytes or paths. None when there are none."""
+    import datasets
+
+    root = prefixcap_cache() / "spool"
+    root.mkdir(parents=True, exist_ok=True)
+    directory = tempfile.mkdtemp(dir=root)
+    features = datasets.Features({"image": datasets.Image(decode=False),
+                                  "captions": datasets.Sequence(datasets.Value("string"))})  # fmt: skip
+    iterator = iter(examples)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+    def everything() -> Iterator[dict[str, Any]]:
+        yield from _spooled([first])
+        yield from _spooled(iterator)
+
+    try:
+        with quiet_datasets():
+            data = datasets.Dataset.from_generator(everything, features=features, cache_dir=directory,
+                                                   fingerprint=uuid.uuid4().hex)  # fmt: skip
+    except BaseException as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise (e.__cause__ or e) if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
+    rows = ArrowRows(data, "image", ["captions"])
+    weakref.finalize(rows, shutil.rmtree, directory, True)  # the mapped file may be unlinked while in use
+    return rows
