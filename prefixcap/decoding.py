@@ -13,6 +13,7 @@ keys and values in preallocated tensors of a fixed length, the form a compiled o
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -29,8 +30,9 @@ def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_
     device = inputs_embeds.device
     config = model.config
     kv = StaticCache(config=config, max_cache_len=length + max_new_tokens) if cache == "static" else DynamicCache()
+    kv_arg = {_cache_keyword(model): kv}
     positions = torch.arange(length, device=device)
-    logits = model(inputs_embeds=inputs_embeds, past_key_values=kv, use_cache=True, cache_position=positions,
+    logits = model(inputs_embeds=inputs_embeds, **kv_arg, use_cache=True, cache_position=positions,
                    position_ids=positions.expand(batch, -1), logits_to_keep=1).logits  # fmt: skip
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
@@ -43,6 +45,13 @@ def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_
         if step == max_new_tokens - 1 or bool(finished.all()):  # one host sync a step, as HF's loop has
             break
         position = torch.tensor([length + step], device=device)
-        logits = model(input_ids=new[:, None], past_key_values=kv, use_cache=True, cache_position=position,
+        logits = model(input_ids=new[:, None], **kv_arg, use_cache=True, cache_position=position,
                        position_ids=position.expand(batch, 1), logits_to_keep=1).logits  # fmt: skip
     return torch.stack(tokens, dim=1)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases,
+    which prefixcap still supports, know only the old one. Asked of the model's own forward (under any peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

@@ -25,7 +25,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -37,10 +36,9 @@ from torch import Tensor
 
 from prefixcap.compose import compose
 from prefixcap.errors import PrefixcapError, summary
-from prefixcap.data.cache import BuildReport, cache_key, cache_root, load_or_build
-from prefixcap.data.loader import (CaptionSet, EvalItems, Item, MicroBatches, RowImages, TrainItems, default_workers,
-                                   fingerprint_update, index_split, loader)
-from prefixcap.interfaces import Batch, DatasetSource, Encoder, System
+from prefixcap.data.loader import (CaptionSet, EvalItems, Items, MicroBatches, Preprocess, TrainItems, cache_features,
+                                   default_workers, fingerprint_update, index_split, loader)
+from prefixcap.interfaces import Batch, DatasetSource, System
 from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, ClipScorer
 from prefixcap.persist import publish_dir, save_system, sweep_temporaries, temporary_sibling, write_atomic
 from prefixcap.recipe import Recipe, load_recipe
@@ -86,91 +84,17 @@ def load_scorer(recipe: Recipe, source: DatasetSource) -> ClipScorer | None:
         raise RunError(f"{e} (eval.clip_model picks the CLIPScore model; set it to null to skip CLIPScore)") from e
 
 
-class Preprocess:
-    """What a DataLoader worker runs on each image: the encoder's ImageProcessor (a small picklable value), or the
-    encoder's own ``preprocess`` where a plugin overrides it."""
-
-    def __init__(self, encoder: Any):
-        own = type(encoder).preprocess is not Encoder.preprocess if isinstance(encoder, Encoder) else False
-        self.encoder, self.processor = (encoder if own else None), encoder.image_processor
-
-    def one(self, image: Tensor) -> Tensor:
-        return self.encoder.preprocess([image])[0] if self.encoder is not None else self.processor.one(image)
-
-
 def workers(recipe: Recipe, decoding: bool) -> int:
     n = recipe.train.num_workers
     return default_workers(decoding) if n == "auto" else n
 
 
-@contextlib.contextmanager
-def progress_bar(description: str, enabled: bool = True):
-    """A bar with ETA on stderr while a long pass over the data runs; yields ``update(done, total)``."""
-    if not enabled:
-        yield lambda done, total: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
-    progress = Progress(*columns, console=Console(stderr=True))
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # shown only once there is work to show (a complete cache reports nothing)
-            task = progress.add_task(description, total=total)
-            progress.start()
-        progress.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        progress.stop()
-
-
-@torch.no_grad()
-def cache_features(system: System, split: CaptionSet, *, dtype: str = "fp16", batch_size: int = 32,
-                   num_workers: int | None = None, report=None, show_progress: bool = False) -> BuildReport | None:  # fmt: skip
-    """Read ``split`` from now on as the frozen encoder's cached features, building the cache first where it is
-    missing or incomplete. A cache that cannot be written (a full or read-only disk) costs the cache, not the run:
-    the split then stays pixels, encoded batch by batch. Returns the BuildReport, or None without a cache."""
-    encoder = system.encoder
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    key = cache_key(encoder, split.rows, dtype)
-    preprocess = Preprocess(encoder)
-    n_workers = default_workers(decoding=True) if num_workers is None else num_workers
-
-    def batches(span: range):
-        return loader(RowImages(split.rows, span, preprocess), workers=n_workers, batch_size=batch_size)
-
-    try:
-        with progress_bar("caching encoder features", show_progress) as update:
-            cache, built = load_or_build(key, split.rows, (encoder.num_tokens, encoder.dim), dtype,
-                                         lambda pixels: encoder(pixels.to(device)), batches, update)  # fmt: skip
-    except OSError as e:
-        warnings.warn(f"cannot write the feature cache {cache_root()}: {_os_reason(e)}; training encodes every batch "
-                      "instead (PREFIXCAP_CACHE moves the cache)", stacklevel=2)  # fmt: skip
-        return None
-    split.use_features(cache)
-    if report is not None:
-        rate = round(built.encoded / built.seconds, 1) if built.encoded else None
-        report({"feature_cache": {"dir": str(cache.directory), "rows": built.rows, "encoded": built.encoded,
-                                  "seconds": round(built.seconds, 2), "mb": round(built.nbytes / 2**20, 1),
-                                  "dtype": dtype, "images_per_s": rate}})  # fmt: skip
-    return built
-
-
-def make_batch(system: System, items: Sequence[Item], max_tokens: int, features: bool = False) -> Batch:
-    """A batch from worker items (all readable): their pixels, or their cached features when ``features``."""
-    captions = [item.caption for item in items]
-    input_ids, mask, labels = system.tokenize(captions, max_tokens)
-    x = torch.stack([item.x for item in items])
-    return Batch(pixel_values=None if features else x, input_ids=input_ids, attention_mask=mask, labels=labels,
-                 features=x if features else None, captions=captions,
-                 references=[item.references for item in items])  # fmt: skip
+def make_batch(system: System, items: Items, max_tokens: int, features: bool = False) -> Batch:
+    """A batch from a worker's readable items: their pixels, or their cached features when ``features``."""
+    input_ids, mask, labels = system.tokenize(items.captions, max_tokens)
+    return Batch(pixel_values=None if features else items.x, input_ids=input_ids, attention_mask=mask, labels=labels,
+                 features=items.x if features else None, captions=items.captions,
+                 references=items.references)  # fmt: skip
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------
@@ -231,9 +155,8 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
     clip, ref_clip = [], []
     loss_sum = 0.0
     for items in items_in:
-        split.broken.update(item.row for item in items if item.x is None)
-        items = [item for item in items if item.x is not None]
-        if not items:
+        split.broken.update(items.broken)
+        if not len(items):
             continue
         batch = make_batch(system, items, recipe.train.max_caption_tokens)
         generated = system.generate(batch.pixel_values.to(device), recipe.generate)
@@ -241,13 +164,13 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
         if scorer is not None:
             from PIL import Image
 
-            embedded = scorer.image_embeddings([Image.fromarray(item.rgb) for item in items])
-            scores = scorer.score_embedded(embedded, generated, [item.references for item in items])
+            embedded = scorer.image_embeddings([Image.fromarray(rgb) for rgb in items.rgb])
+            scores = scorer.score_embedded(embedded, generated, items.references)
             clip += scores.per_image_clip_s
             ref_clip += scores.per_image_ref_clip_s
         captions += generated
-        references += [item.references for item in items]
-        rows += [item.row for item in items]
+        references += items.references
+        rows += items.rows
     metrics = {"loss": loss_sum / max(1, len(captions))}
     metrics.update(caption_metrics(captions, references))
     metrics.update(source.task_metrics(split.name, rows, captions))
@@ -262,7 +185,7 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
 def _to(batch: Batch, device: torch.device) -> Batch:
     for name, value in vars(batch).items():
         if isinstance(value, Tensor):
-            setattr(batch, name, value.to(device))
+            setattr(batch, name, value.to(device, non_blocking=value.is_pinned()))
     return batch
 
 
@@ -423,7 +346,7 @@ class Run:
         self.data_seen = hashlib.sha256()  # every (index, caption) trained on, in order: `prefixcap bench` checks it
         self.data_items, self.data_busy_s = 0, 0.0  # examples the data path delivered, and the seconds it spent
         self.history: list[dict[str, Any]] = []
-        self._batches: Iterator[list[Item]] | None = None  # the training DataLoader, started at the first step
+        self._batches: Iterator[Items] | None = None  # the training DataLoader, started at the first step
         # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
         self.best: dict[str, Any] = {"value": None, "step": None, "stale": 0}
 
@@ -503,15 +426,15 @@ class Run:
                                    self.accelerator.process_index, start=self.step * t.grad_accum)  # fmt: skip
             self.train_workers = workers(self.recipe, decoding=not features)
             items = TrainItems(self.train_split, t.seed, Preprocess(self.system.encoder))
-            self._batches = iter(loader(items, workers=self.train_workers, batch_sampler=sampler))
+            pin = self.accelerator.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
+            self._batches = iter(loader(items, workers=self.train_workers, batch_sampler=sampler, pin_memory=pin))
         while True:
             items = next(self._batches)
-            self.data_items += len(items)
-            self.data_busy_s += sum(item.seconds for item in items)
-            self.train_split.broken.update(item.row for item in items if item.x is None)
-            items = [item for item in items if item.x is not None]  # an unreadable image costs its example
-            fingerprint_update(self.data_seen, [item.row for item in items], [item.caption for item in items])
-            if items:
+            self.data_items += items.size
+            self.data_busy_s += items.seconds
+            self.train_split.broken.update(items.broken)  # an unreadable image costs its example
+            fingerprint_update(self.data_seen, items.rows, items.captions)
+            if len(items):
                 break
         batch = make_batch(self.system, items, t.max_caption_tokens, features=self.train_split.features is not None)
         return _to(batch, self.accelerator.device)
@@ -520,7 +443,7 @@ class Run:
         """The first ``n`` readable images of ``split``, preprocessed (for timing captioning, not for training)."""
         out = []
         for items in loader(EvalItems(split, Preprocess(self.system.encoder), rgb=False), workers=0, batch_size=n):
-            out += [item.x for item in items if item.x is not None]
+            out += list(items.x) if items.x is not None else []
             if len(out) >= n:
                 break
         return torch.stack(out[:n])

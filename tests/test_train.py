@@ -17,8 +17,8 @@ from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
 from prefixcap.interfaces import DatasetSource, Example
 from prefixcap.metrics.clipscore import ClipScorer
-from prefixcap.data.loader import index_split
-from prefixcap.train import RunError, cache_features, run
+from prefixcap.data.loader import cache_features, index_split
+from prefixcap.train import RunError, run
 
 SMALL = [
     "data.name=shapes", "data.train_size=64", "data.val_size=8", "data.test_size=8",

@@ -8,10 +8,12 @@ in which workers finish: so a resumed run and an uninterrupted one see the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +23,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from prefixcap.data.cache import FeatureCache
+from prefixcap.data.cache import BuildReport, FeatureCache, cache_key, cache_root, load_or_build
+from prefixcap.errors import summary
 from prefixcap.images import ImageProcessor
-from prefixcap.interfaces import DatasetSource, Rows
+from prefixcap.interfaces import DatasetSource, Encoder, Rows, System
 
 
 @dataclass
@@ -82,7 +85,7 @@ def default_workers(decoding: bool) -> int:
     return max(1, min(8, cores - 1))
 
 
-def decode(rows: Rows, row: int, processor: ImageProcessor, rgb: bool = False) -> tuple[Tensor | None, Any]:
+def decode(rows: Rows, row: int, processor: Preprocess | ImageProcessor, rgb: bool = False) -> tuple[Tensor | None, Any]:
     """(pixels, RGB uint8 array or None) of one row; (None, None) for an image that cannot be read, which costs
     that example, never the run."""
     from prefixcap.images import to_rgb_tensor
@@ -106,10 +109,44 @@ class Item:
     seconds: float = 0.0  # spent reading it, for the data path's images/s
 
 
+@dataclass
+class Items:
+    """A batch as a worker hands it over: the readable items' tensors stacked into one (one transfer, and pinnable),
+    their metadata in order, and the rows whose image could not be read."""
+
+    rows: list[int]
+    captions: list[str]
+    references: list[list[str]]
+    x: Tensor | None  # (B, ...) of the readable items; None when none was
+    rgb: list[Any]
+    broken: list[int]
+    seconds: float
+    size: int  # items asked for, readable or not
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pin_memory(self) -> Items:  # called by the DataLoader's pinning thread when it feeds a GPU
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        return self
+
+
+def collate(items: list[Item] | Items) -> Items:
+    if isinstance(items, Items):  # made whole by the dataset's __getitems__
+        return items
+    good = [item for item in items if item.x is not None]
+    return Items(rows=[item.row for item in good], captions=[item.caption for item in good],
+                 references=[item.references for item in good],
+                 x=torch.stack([item.x for item in good]) if good else None, rgb=[item.rgb for item in good],
+                 broken=[item.row for item in items if item.x is None], seconds=sum(item.seconds for item in items),
+                 size=len(items))  # fmt: skip
+
+
 class TrainItems(Dataset):
     """Item (epoch, k): example k of the set with the reference drawn for it in that epoch."""
 
-    def __init__(self, split: CaptionSet, seed: int, processor: ImageProcessor):
+    def __init__(self, split: CaptionSet, seed: int, processor: Preprocess | ImageProcessor):
         self.split, self.seed, self.processor = split, seed, processor
 
     def __len__(self) -> int:
@@ -126,6 +163,18 @@ class TrainItems(Dataset):
         else:
             x, _ = decode(self.split.rows, row, self.processor)
         return Item(row, k, caption, references, x, seconds=time.perf_counter() - tic)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Items | list[Item]:
+        """A whole batch at once (the DataLoader asks for it so): from cached features, one read into one tensor
+        instead of a tensor per example, which keeps the data path's share of a small model's step small."""
+        if self.split.features is None:
+            return [self[key] for key in keys]
+        tic = time.perf_counter()
+        rows = [int(self.split.kept[k]) for _, k in keys]
+        references = [self.split.references(k) for _, k in keys]
+        captions = [pick_reference(self.seed, epoch, k, refs) for (epoch, k), refs in zip(keys, references)]
+        x = self.split.features.read(rows)
+        return Items(rows, captions, references, x, [None] * len(rows), [], time.perf_counter() - tic, len(rows))
 
 
 class MicroBatches(Sampler):
@@ -151,7 +200,7 @@ class MicroBatches(Sampler):
 
 
 class EvalItems(Dataset):
-    def __init__(self, split: CaptionSet, processor: ImageProcessor, rgb: bool):
+    def __init__(self, split: CaptionSet, processor: Preprocess | ImageProcessor, rgb: bool):
         self.split, self.processor, self.rgb = split, processor, rgb
 
     def __len__(self) -> int:
@@ -168,7 +217,7 @@ class EvalItems(Dataset):
 class RowImages(Dataset):
     """(row, pixels or None) of every row of a span, in order: what a feature-cache build encodes."""
 
-    def __init__(self, rows: Rows, span: range, processor: ImageProcessor):
+    def __init__(self, rows: Rows, span: range, processor: Preprocess | ImageProcessor):
         self.rows, self.span, self.processor = rows, span, processor
 
     def __len__(self) -> int:
@@ -185,13 +234,87 @@ def _as_list(items: list[Any]) -> list[Any]:
 
 def loader(dataset: Dataset, *, workers: int, batch_size: int | None = None, batch_sampler: Sampler | None = None,
            pin_memory: bool = False) -> DataLoader:  # fmt: skip
-    """Items come back as lists (a worker may return None pixels for a broken image); the trainer stacks them."""
-    options: dict[str, Any] = {"num_workers": workers, "collate_fn": _as_list, "pin_memory": pin_memory}
+    """Batches of ``Items`` (RowImages: lists of (row, pixels or None)), made in the workers."""
+    collate_fn = _as_list if isinstance(dataset, RowImages) else collate
+    options: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_fn, "pin_memory": pin_memory}
     if workers:
         options["prefetch_factor"] = 4
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **options)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
+
+
+class Preprocess:
+    """What a DataLoader worker runs on each image: the encoder's ImageProcessor (a small picklable value), or the
+    encoder's own ``preprocess`` where a plugin overrides it."""
+
+    def __init__(self, encoder: Any):
+        own = type(encoder).preprocess is not Encoder.preprocess if isinstance(encoder, Encoder) else False
+        self.encoder, self.processor = (encoder if own else None), encoder.image_processor
+
+    def one(self, image: Tensor) -> Tensor:
+        return self.encoder.preprocess([image])[0] if self.encoder is not None else self.processor.one(image)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True):
+    """A bar with ETA on stderr while a long pass over the data runs; yields ``update(done, total)``."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    progress = Progress(*columns, console=Console(stderr=True))
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # shown only once there is work to show (a complete cache reports nothing)
+            task = progress.add_task(description, total=total)
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        progress.stop()
+
+
+@torch.no_grad()
+def cache_features(system: System, split: CaptionSet, *, dtype: str = "fp16", batch_size: int = 32,
+                   num_workers: int | None = None, report=None, show_progress: bool = False) -> BuildReport | None:  # fmt: skip
+    """Read ``split`` from now on as the frozen encoder's cached features, building the cache first where it is
+    missing or incomplete. A cache that cannot be written (a full or read-only disk) costs the cache, not the run:
+    the split then stays pixels, encoded batch by batch. Returns the BuildReport, or None without a cache."""
+    encoder = system.encoder
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    key = cache_key(encoder, split.rows, dtype)
+    preprocess = Preprocess(encoder)
+    n_workers = default_workers(decoding=True) if num_workers is None else num_workers
+
+    def batches(span: range):
+        return loader(RowImages(split.rows, span, preprocess), workers=n_workers, batch_size=batch_size)
+
+    try:
+        with progress_bar("caching encoder features", show_progress) as update:
+            cache, built = load_or_build(key, split.rows, (encoder.num_tokens, encoder.dim), dtype,
+                                         lambda pixels: encoder(pixels.to(device)), batches, update)  # fmt: skip
+    except OSError as e:
+        reason = e.strerror or summary(e)
+        warnings.warn(f"cannot write the feature cache {cache_root()}: {reason}; training encodes every batch "
+                      "instead (PREFIXCAP_CACHE moves the cache)", stacklevel=2)  # fmt: skip
+        return None
+    split.use_features(cache)
+    if report is not None:
+        rate = round(built.encoded / built.seconds, 1) if built.encoded else None
+        report({"feature_cache": {"dir": str(cache.directory), "rows": built.rows, "encoded": built.encoded,
+                                  "seconds": round(built.seconds, 2), "mb": round(built.nbytes / 2**20, 1),
+                                  "dtype": dtype, "images_per_s": rate}})  # fmt: skip
+    return built
 
 
 def fingerprint_update(h: Any, rows: Sequence[int], captions: Sequence[str]) -> None:

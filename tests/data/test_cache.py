@@ -14,7 +14,7 @@ from safetensors import safe_open
 from prefixcap import compose, create
 from prefixcap.data.cache import cache_key
 from prefixcap.data.loader import index_split
-from prefixcap.train import cache_features
+from prefixcap.data.loader import cache_features
 
 TINY = {"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": {"name": "mlp", "hidden": 32},
         "decoder": {"name": "smollm", "checkpoint": "tiny"}}  # fmt: skip
@@ -67,12 +67,12 @@ def test_a_killed_build_resumes_after_its_last_complete_shard(cache, monkeypatch
                 raise KeyboardInterrupt  # as Ctrl-C while the second shard is being encoded
             super().__init__(rows, span, processor)
 
-    monkeypatch.setattr("prefixcap.train.RowImages", Killed)
+    monkeypatch.setattr("prefixcap.data.loader.RowImages", Killed)
     with pytest.raises(KeyboardInterrupt):
         cache_features(system, index_split(source, "train"), num_workers=0)
     (directory,) = [p for p in cache.iterdir() if p.is_dir()]
     assert [p.name for p in directory.iterdir()] == ["shard-00000.safetensors"]  # no half shard, no done.json
-    monkeypatch.setattr("prefixcap.train.RowImages", real)
+    monkeypatch.setattr("prefixcap.data.loader.RowImages", real)
     split = index_split(source, "train")
     assert cache_features(system, split, num_workers=0).encoded == 15  # shards 1 and 2 only
     assert torch.allclose(split.features.read(range(25)), encoded(system, source), rtol=2**-10, atol=1e-6)
@@ -112,5 +112,5 @@ def test_features_are_read_in_workers_and_in_the_training_process_alike(cache):
     items = TrainItems(split, 0, None)
     here = torch.stack([items[key].x for key in keys])
     batches = loader(items, workers=2, batch_sampler=[keys[0:4], keys[4:8], keys[8:12]])
-    there = torch.stack([item.x for batch in batches for item in batch])
+    there = torch.cat([batch.x for batch in batches])
     assert torch.equal(here, there)

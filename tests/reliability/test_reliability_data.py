@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from prefixcap import compose, create
 from prefixcap.data.loader import index_split
-from prefixcap.train import cache_features
+from prefixcap.data.loader import cache_features
 
 from conftest import REPO, fit_batch, run_cli
 from image_files import png_bomb, write_inputs
@@ -83,7 +83,7 @@ WRITER = """
     import prefixcap.data.cache as cache
     from prefixcap import compose, create
     from prefixcap.data.loader import index_split
-    from prefixcap.train import cache_features
+    from prefixcap.data.loader import cache_features
 
     cache.SHARD_BYTES = 256 * 64 * 128 * 2  # 256 rows a shard: four shards, so builders could interleave them
     system = compose("quickstart")
