@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import PLUGIN_DIST, REPO, run_cli
 
@@ -107,7 +108,12 @@ def test_run_trains_and_prints_a_summary(tmp_path):
     result = run_cli(*args, env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "step      2  loss" in result.stdout and "test_oracle_accuracy" in result.stdout
+    assert re.search(r"samples/s  data \d+ images/s", result.stdout)  # what training takes beside what data gives
+    # The cold cache: a bar on stderr (drawn once at the end when stderr is not a terminal), then the size line.
+    assert re.search(r"caching encoder features .* 32/32 images .* ETA", result.stderr), result.stderr
+    assert re.search(r"feature cache \S+: 32 images, [\d.]+ MB fp16, encoded 32 images in", result.stdout)
     assert (tmp_path / "run" / "final" / "manifest.json").exists()
     again = run_cli(*args, env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})  # finished run: resumes, re-evaluates
     assert again.returncode == 0 and "resume:" in again.stdout
+    assert "complete, reused" in again.stdout and "caching encoder features" not in again.stderr
     # (a run that cannot start exits 2 with one line: tests/reliability/test_reliability_training.py runs those)
