@@ -182,7 +182,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
             c = row["feature_cache"]
             built = (f"encoded {c['encoded']} images in {c['seconds']:.1f} s ({c['images_per_s']:.0f} images/s)"
                      if c["encoded"] else "complete, reused")  # fmt: skip
-            progress.console.print(f"feature cache {c['dir']}: {c['rows']} images, {c['mb']} MB {c['dtype']}, "
+            progress.console.print(f"feature cache {c['dir']}: {c['rows']} images, {c['mb']} MiB {c['dtype']}, "
                                    f"{built}", highlight=False, soft_wrap=True)  # fmt: skip
         else:
             progress.console.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)

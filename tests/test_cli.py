@@ -111,7 +111,7 @@ def test_run_trains_and_prints_a_summary(tmp_path):
     assert re.search(r"samples/s  data \d+ images/s", result.stdout)  # what training takes beside what data gives
     # The cold cache: a bar on stderr (drawn once at the end when stderr is not a terminal), then the size line.
     assert re.search(r"caching encoder features .* 32/32 images .* ETA", result.stderr), result.stderr
-    assert re.search(r"feature cache \S+: 32 images, [\d.]+ MB fp16, encoded 32 images in", result.stdout)
+    assert re.search(r"feature cache \S+: 32 images, [\d.]+ MiB fp32, encoded 32 images in", result.stdout)
     assert (tmp_path / "run" / "final" / "manifest.json").exists()
     again = run_cli(*args, env={"PREFIXCAP_CACHE": str(tmp_path / "cache")})  # finished run: resumes, re-evaluates
     assert again.returncode == 0 and "resume:" in again.stdout

@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 def test_cached_features_give_the_same_loss_curve(tmp_path):
     in_loop = run("quickstart", [*SMALL, "train.cache_features=false"], run_dir=tmp_path / "loop", report=quiet)
     exact = run("quickstart", [*SMALL, "train.cache_dtype=fp32"], run_dir=tmp_path / "fp32", report=quiet)
-    half = run("quickstart", SMALL, run_dir=tmp_path / "fp16", report=quiet)  # the default
+    half = run("quickstart", [*SMALL, "train.cache_dtype=fp16"], run_dir=tmp_path / "fp16", report=quiet)
     assert len(list((Path(os.environ["PREFIXCAP_CACHE"]) / "features").glob("*/done.json"))) >= 2
     loop = [r["loss"] for r in in_loop.history]
     assert [r["loss"] for r in exact.history] == pytest.approx(loop, rel=1e-4)
