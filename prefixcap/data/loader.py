@@ -236,7 +236,11 @@ def loader(dataset: Dataset, *, workers: int, batch_size: int | None = None, bat
            pin_memory: bool = False) -> DataLoader:  # fmt: skip
     """Batches of ``Items`` (RowImages: lists of (row, pixels or None)), made in the workers."""
     collate_fn = _as_list if isinstance(dataset, RowImages) else collate
-    options: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_fn, "pin_memory": pin_memory}
+    # Its own generator: a DataLoader draws a seed for its workers when it starts, and from torch's global RNG that
+    # draw would move the dropout masks of every later step (a resumed run would then differ from an uninterrupted
+    # one). Nothing here is random; the seed is only drawn.
+    options: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_fn, "pin_memory": pin_memory,
+                               "generator": torch.Generator().manual_seed(0)}  # fmt: skip
     if workers:
         options["prefetch_factor"] = 4
     if batch_sampler is not None:
