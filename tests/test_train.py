@@ -261,3 +261,44 @@ def test_feature_cache_key_hashes_encoders_with_batchnorm_counters():
     key = encoder_digest(encoder)
     net[1].num_batches_tracked += 1
     assert encoder_digest(encoder) != key
+
+
+SPOOLER = """
+    import os, sys
+    from prefixcap.data.loader import index_split
+    from prefixcap.interfaces import DatasetSource, Example
+    from PIL import Image
+
+    class Once(DatasetSource):  # a source that can only be iterated: spooled
+        def examples(self, split):
+            yield Example(Image.new("RGB", (8, 8), "red"), ["a red square"])
+
+    split = index_split(Once(), "train")
+    print(len(split), flush=True)
+    os._exit(0)  # as a kill would: no finalizer runs, the spool stays
+"""
+
+
+def test_a_spool_left_by_a_killed_process_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    import subprocess
+    import textwrap
+
+    from conftest import REPO
+
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPOOLER)], capture_output=True, text=True,
+                          env={**os.environ, "PREFIXCAP_CACHE": str(tmp_path / "cache")}, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr[-2000:]
+    spool = tmp_path / "cache" / "spool"
+    (dead,) = list(spool.iterdir())
+    os.utime(dead / ".owner", (0, 0))  # older than a directory still being created
+
+    class Once(DatasetSource):
+        def examples(self, split):
+            yield Example(Image.new("RGB", (8, 8), "blue"), ["a blue square"])
+
+    live = index_split(Once(), "train")  # spools too, and sweeps first
+    assert not dead.exists() and len(list(spool.iterdir())) == 1
+    os.utime(next(spool.iterdir()) / ".owner", (0, 0))
+    again = index_split(Once(), "train")  # a live process's spool is kept however old
+    assert len(list(spool.iterdir())) == 2 and live.references(0) == again.references(0) == ["a blue square"]

@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
@@ -141,7 +142,9 @@ def spool(examples: Iterable[Example]) -> ArrowRows | None:
 
     root = prefixcap_cache() / "spool"
     root.mkdir(parents=True, exist_ok=True)
+    _sweep(root)
     directory = tempfile.mkdtemp(dir=root)
+    owner = _own(Path(directory))
     features = datasets.Features({"image": datasets.Image(decode=False),
                                   "captions": datasets.Sequence(datasets.Value("string"))})  # fmt: skip
     iterator = iter(examples)
@@ -163,5 +166,43 @@ def spool(examples: Iterable[Example]) -> ArrowRows | None:
         shutil.rmtree(directory, ignore_errors=True)
         raise (e.__cause__ or e) if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
     rows = ArrowRows(data, "image", ["captions"])
-    weakref.finalize(rows, shutil.rmtree, directory, True)  # the mapped file may be unlinked while in use
+    weakref.finalize(rows, _release, directory, owner)  # the mapped file may be unlinked while in use
     return rows
+
+
+# A killed process cannot remove its spool; the next spool does. Each directory's .owner file is locked by the
+# process using it for as long as it lives (the lock dies with it), so an unlocked one was left by a dead process.
+# The age check covers the instant between a new directory's creation and its lock.
+
+
+def _own(directory: Path) -> Any:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; spools of killed runs stay until removed by hand
+        return None
+    owner = (directory / ".owner").open("a")
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    return owner
+
+
+def _release(directory: str, owner: Any) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    if owner is not None:
+        owner.close()
+
+
+def _sweep(root: Path, min_age_s: float = 10.0) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for directory in root.iterdir():
+        owner = directory / ".owner"
+        try:
+            if time.time() - owner.stat().st_mtime < min_age_s:
+                continue
+            with owner.open("a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its process is alive
+                shutil.rmtree(directory, ignore_errors=True)
+        except OSError:
+            continue
