@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -170,33 +171,28 @@ def main() -> int:
                        note="peak_rss_mb: ru_maxrss of the training process; peak_worker_rss_mb: the largest "
                             "DataLoader worker's; setup_s: start() to the first step (indexing, cache build or "
                             "check)")  # fmt: skip
-    cells = results.setdefault("quickstart", {})
+    def cold_then_warm(group: str, kind: str, size: int, recipe: str, overrides: list[str], key: str, steps: int):
+        """Two runs on one set: the first into an empty feature cache, the second reading what it left."""
+        cells = results.setdefault(group, {})
+        cache = WORK / "cache" / key
+        shutil.rmtree(cache, ignore_errors=True)
+        for state in ("cold", "warm"):
+            name = f"{kind}/{size}/{state}"
+            cells[name] = run_cell(recipe, overrides, f"{key}-{state}", steps, cache)
+            print(group, name, cells[name], flush=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+
     for kind in [k for k in args.kinds.split(",") if k]:
         for size in sizes:
-            sets = write_sets(size)
-            cache = WORK / "cache" / f"{kind}-{size}"
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
-            for state in ("cold", "warm"):
-                name = f"{kind}/{size}/{state}"
-                cells[name] = run_cell("quickstart", data_overrides(kind, sets), name.replace("/", "-"), args.steps, cache)
-                print(name, cells[name], flush=True)
-                args.out.write_text(json.dumps(results, indent=1) + "\n")
+            overrides = data_overrides(kind, write_sets(size))
+            cold_then_warm("quickstart", kind, size, "quickstart", overrides, f"{kind}-{size}", args.steps)
     real = [int(s) for s in args.real_sizes.split(",") if s]
     if real:
-        encoder = real_encoder()
-        swaps = [f"encoder.checkpoint={encoder}", "decoder.checkpoint=tiny",
+        swaps = [f"encoder.checkpoint={real_encoder()}", "decoder.checkpoint=tiny",
                  "train.precision=fp32", "train.batch_size=16", "eval.batch_size=16"]  # fmt: skip
-        cells = results.setdefault("siglip_b16_224", {})
         for size in real:
-            sets = write_sets(size)
-            cache = WORK / "cache" / f"real-{size}"
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
-            for state in ("cold", "warm"):
-                name = f"jsonl/{size}/{state}"
-                cells[name] = run_cell("siglip-smollm135", [*swaps, *data_overrides("jsonl", sets)],
-                                       f"real-{size}-{state}", 3, cache)  # fmt: skip
-                print("siglip-b16", name, cells[name], flush=True)
-                args.out.write_text(json.dumps(results, indent=1) + "\n")
+            overrides = [*swaps, *data_overrides("jsonl", write_sets(size))]
+            cold_then_warm("siglip_b16_224", "jsonl", size, "siglip-smollm135", overrides, f"real-{size}", 3)
     if args.throughput:
         results["throughput"] = throughput(200)
         print(results["throughput"], flush=True)

@@ -143,6 +143,8 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
              scorer: ClipScorer | None = None) -> tuple[dict[str, float], list]:  # fmt: skip
     """Captions, loss and metrics for a split, streamed: workers decode a batch of images at a time, and only the
     captions and per-image scores are kept (CIDEr and the oracle need every caption; no image is kept)."""
+    from PIL import Image
+
     from prefixcap.metrics.captioning import caption_metrics
 
     system.eval()
@@ -162,8 +164,6 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
         generated = system.generate(batch.pixel_values.to(device), recipe.generate)
         loss_sum += float(system.loss(_to(batch, device))[0]) * len(items)
         if scorer is not None:
-            from PIL import Image
-
             embedded = scorer.image_embeddings([Image.fromarray(rgb) for rgb in items.rgb])
             scores = scorer.score_embedded(embedded, generated, items.references)
             clip += scores.per_image_clip_s
@@ -299,7 +299,7 @@ class Run:
     def __init__(self, recipe: Recipe, run_dir: Path, report=print):
         from accelerate import Accelerator
 
-        self.recipe, self.run_dir, t, self.report = recipe, run_dir, recipe.train, report
+        self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
         self.lock = None  # run_dir/.lock while this run may write there (set by start())
         self.tensorboard = recipe.output.tensorboard is not False and _tensorboard_installed()
         if recipe.output.tensorboard and not self.tensorboard:
@@ -331,9 +331,9 @@ class Run:
         self.cache_report = None
         if len(self.train_split) and self.frozen_encoder and self.system.accepts_features and t.cache_features:
             with self.accelerator.main_process_first():  # the others then read the features it cached
-                n = None if t.num_workers == "auto" else t.num_workers
-                self.cache_report = cache_features(self.system, self.train_split, dtype=t.cache_dtype, num_workers=n,
-                                                   batch_size=recipe.eval.batch_size, report=self.report if self.main
+                self.cache_report = cache_features(self.system, self.train_split, dtype=t.cache_dtype,
+                                                   num_workers=workers(recipe, decoding=True),
+                                                   batch_size=recipe.eval.batch_size, report=report if self.main
                                                    else None, show_progress=self.main)  # fmt: skip
         if not len(self.train_split):
             raise RunError(f"data {recipe.data.name!r}: no usable training examples (every one lacks a caption or "

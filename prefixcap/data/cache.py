@@ -35,6 +35,7 @@ from torch import Tensor
 from prefixcap.data.rows import prefixcap_cache
 from prefixcap.errors import PrefixcapError
 from prefixcap.interfaces import Encoder, Rows
+from prefixcap.persist import write_atomic
 
 FORMAT = "features-1"  # in every key: a new layout never reads an old one
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -224,14 +225,20 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
     directory = (root or cache_root()) / key
     torch_dtype = DTYPES[dtype]
     started = time.perf_counter()
-    with contextlib.suppress(CacheError):
-        cache = FeatureCache(directory)
+
+    def complete() -> tuple[FeatureCache, BuildReport] | None:
+        try:
+            cache = FeatureCache(directory)
+        except CacheError:
+            return None
         return cache, BuildReport(cache.rows, 0, time.perf_counter() - started, cache.nbytes())
+
+    if found := complete():
+        return found
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory.with_name(f"{key}.lock")):
-        with contextlib.suppress(CacheError):  # another process finished it while this one waited
-            cache = FeatureCache(directory)
-            return cache, BuildReport(cache.rows, 0, time.perf_counter() - started, cache.nbytes())
+        if found := complete():  # another process finished it while this one waited
+            return found
         n = len(rows)
         per = max(1, SHARD_BYTES // (shape[0] * shape[1] * torch_dtype.itemsize))
         encoded = done_rows = 0
@@ -261,9 +268,7 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
                 raise
             encoded += len(span)
         meta = {"rows": n, "rows_per_shard": per, "shape": list(shape), "dtype": dtype, "format": FORMAT}
-        tmp = directory / f".done.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta) + "\n")
-        tmp.replace(directory / "done.json")
+        write_atomic(directory / "done.json", json.dumps(meta) + "\n")
     cache = FeatureCache(directory)
     return cache, BuildReport(n, encoded, time.perf_counter() - started, cache.nbytes())
 

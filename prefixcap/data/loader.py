@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prefixcap.data.cache import BuildReport, FeatureCache, cache_key, cache_root, load_or_build
 from prefixcap.errors import summary
-from prefixcap.images import ImageProcessor
+from prefixcap.images import ImageProcessor, to_rgb_tensor
 from prefixcap.interfaces import DatasetSource, Encoder, Rows, System
 
 
@@ -88,8 +88,6 @@ def default_workers(decoding: bool) -> int:
 def decode(rows: Rows, row: int, processor: Preprocess | ImageProcessor, rgb: bool = False) -> tuple[Tensor | None, Any]:
     """(pixels, RGB uint8 array or None) of one row; (None, None) for an image that cannot be read, which costs
     that example, never the run."""
-    from prefixcap.images import to_rgb_tensor
-
     try:
         image = to_rgb_tensor(rows.image(row))
         pixels = processor.one(image)
@@ -101,7 +99,6 @@ def decode(rows: Rows, row: int, processor: Preprocess | ImageProcessor, rgb: bo
 @dataclass
 class Item:
     row: int  # position in the split's rows
-    k: int  # position in the CaptionSet
     caption: str
     references: list[str]
     x: Tensor | None  # pixels or features; None: the image could not be read
@@ -162,7 +159,7 @@ class TrainItems(Dataset):
             x = self.split.features.read([row])[0]
         else:
             x, _ = decode(self.split.rows, row, self.processor)
-        return Item(row, k, caption, references, x, seconds=time.perf_counter() - tic)
+        return Item(row, caption, references, x, seconds=time.perf_counter() - tic)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> Items | list[Item]:
         """A whole batch at once (the DataLoader asks for it so): from cached features, one read into one tensor
@@ -211,7 +208,7 @@ class EvalItems(Dataset):
         row = int(self.split.kept[k])
         references = self.split.references(k)
         x, rgb = decode(self.split.rows, row, self.processor, self.rgb)
-        return Item(row, k, references[0], references, x, rgb, time.perf_counter() - tic)
+        return Item(row, references[0], references, x, rgb, time.perf_counter() - tic)
 
 
 class RowImages(Dataset):

@@ -49,6 +49,16 @@ def image_signature(value: Any) -> bytes:
     return repr(value).encode()
 
 
+def row_captions(row: dict[str, Any], columns: list[str]) -> list[str]:
+    """A row's references from its caption columns, each a caption or a list of them (Flickr8k-style sets keep one
+    reference per column); anything but a string is dropped."""
+    found: list[str] = []
+    for column in columns:
+        value = row[column]
+        found += [value] if isinstance(value, str) else list(value or [])
+    return [c for c in found if isinstance(c, str)]
+
+
 def undecoded(value: Any) -> Any:
     """An Arrow image cell as something prefixcap.images reads: a path, or the file's bytes as a stream."""
     if isinstance(value, dict):
@@ -75,12 +85,7 @@ class ArrowRows(Rows):
         return len(self.images)
 
     def captions(self, index: int) -> list[str]:
-        row = self.texts[int(index)]
-        found: list[str] = []
-        for column in self.caption_columns:
-            value = row[column]
-            found += [value] if isinstance(value, str) else list(value or [])
-        return [c for c in found if isinstance(c, str)]
+        return row_captions(self.texts[int(index)], self.caption_columns)
 
     def image(self, index: int) -> Any:
         return undecoded(self.images[int(index)][self.image_column])

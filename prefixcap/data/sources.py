@@ -10,7 +10,7 @@ from typing import Any
 
 from prefixcap.data import HFOptions, JsonlOptions
 from prefixcap.errors import PrefixcapError, summary
-from prefixcap.data.rows import FORMAT, ArrowRows, prefixcap_cache, quiet_datasets, spool
+from prefixcap.data.rows import FORMAT, ArrowRows, prefixcap_cache, quiet_datasets, row_captions, spool
 from prefixcap.interfaces import DatasetSource, Example, Rows
 
 
@@ -157,8 +157,4 @@ class HFSource(DatasetSource):
             if missing:
                 raise DatasetError(f"dataset {o.path!r} split {name!r}: rows have no column {', '.join(missing)}; "
                                    f"found {', '.join(row)} (set data.image_column / data.caption_column)")  # fmt: skip
-            captions = []
-            for column in columns:
-                value = row[column]
-                captions += [value] if isinstance(value, str) else list(value or [])
-            yield Example(image=row[o.image_column], captions=[c for c in captions if isinstance(c, str)])
+            yield Example(image=row[o.image_column], captions=row_captions(row, columns))
