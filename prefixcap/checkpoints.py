@@ -18,7 +18,7 @@ from prefixcap.errors import CompositionError, PrefixcapError, summary
 TINY = "tiny"
 _SNAPSHOTS = Path(__file__).parent / "configs"
 _ASSETS = Path(__file__).parent / "assets"
-# Models that ship inside the package, trained on the shapes world by prefixcap.data.shapes_pretrain. Recipes name
+# Models that ship inside the package, trained on the shapes world by scripts/pretrain_shapes.py. Recipes name
 # them like hub ids; they resolve to the package's own directory, so they load offline and wherever it is installed.
 BUNDLED = {"prefixcap/shapes-siglip": _ASSETS / "shapes-siglip", "prefixcap/shapes-clip": _ASSETS / "shapes-clip"}
 T = TypeVar("T")

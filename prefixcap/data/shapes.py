@@ -12,8 +12,10 @@ Splits: example ``i`` of split ``s`` comes from its own generator, seeded with t
 (integer offsets such as seed+1 for val would make one run's val another run's train). An example therefore does
 not depend on the split sizes (a larger train_size only appends) and can be made on its own (``example(split, i)``).
 Seeds alone still let a 64-pixel world draw the same picture twice (a one-shape scene has ~10^5 layouts; at the
-defaults one test image was a train image), so each split also owns a third of the layouts: the leftmost shape's top
-row ``y0`` is the split's number (train 0, val 1, test 2) modulo 3, and images of different splits always differ.
+defaults one test image was a train image), so each stream also owns a fifth of the layouts: the leftmost shape's
+top row ``y0`` is the stream's number modulo 5 (train 0, val 1, test 2, and two streams no recipe can name: pretrain 3
+and pretrain-heldout 4, where the shipped encoder and CLIP learnt the world, scripts/pretrain_shapes.py). Images of
+different streams always differ, whatever the seeds: no run's split holds a picture the shipped models trained on.
 Splits do share compositions: with 12 shapes there are only 1,884 scenes (14,424 with sizes), so most val and test
 *scenes* also occur in train, drawn elsewhere and at other sizes. The test split measures recognition, not
 compositional generalisation.
@@ -39,7 +41,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }  # fmt: skip
 KINDS = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # a recipe's
+STREAMS = (*SPLITS, "pretrain", "pretrain-heldout")  # each owns the layouts with leftmost y0 % 5 == its number
 BACKGROUND = 235  # light grey
 
 # Side of a shape's bounding box, as fractions of the image side. "small" and "large" leave a gap between them so
@@ -160,8 +163,14 @@ class ShapesSource(DatasetSource):
     def example(self, split: str, index: int) -> ShapesExample:
         if not 0 <= index < self.size(split):
             raise IndexError(f"{split} has {self.size(split)} examples; there is no example {index}")
-        rng = self._rng(split, index)
-        scene, boxes = self._layout(split, rng)
+        return self.draw(split, index)
+
+    def draw(self, stream: str, index: int) -> ShapesExample:
+        """Example ``index`` of any of STREAMS, with no split size to bound it (the pretraining script's access)."""
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}; the shapes world has {', '.join(STREAMS)}")
+        rng = self._rng(stream, index)
+        scene, boxes = self._layout(stream, rng)
         image = self._draw(scene, boxes, rng)
         return ShapesExample(image=image, captions=references(scene), scene=scene, boxes=boxes)
 
@@ -176,7 +185,7 @@ class ShapesSource(DatasetSource):
         # A str seed is hashed with SHA-512 by random.Random: stable across processes, platforms and PYTHONHASHSEED.
         return random.Random(f"prefixcap-shapes/{self.options.seed}/{split}/{index}")
 
-    def _layout(self, split: str, rng: random.Random) -> tuple[Scene, tuple[Box, ...]]:
+    def _layout(self, stream: str, rng: random.Random) -> tuple[Scene, tuple[Box, ...]]:
         """Draw the scene, then one box per shape inside its own slot of the image's width."""
         opts = self.options
         n = rng.randint(1, opts.max_shapes)
@@ -192,8 +201,8 @@ class ShapesSource(DatasetSource):
             lo, hi = SIDE[shape.size]
             d = min(rng.randint(round(lo * side), round(hi * side)), right - left)
             x0, rows = rng.randint(left, right - d), range(gap, side - gap - d + 1)
-            # The split's mark on the leftmost shape (see the module docstring); rows has >= 3 values at any size.
-            y0 = rng.choice([y for y in rows if y % 3 == SPLITS.index(split)] if i == 0 else rows)
+            # The stream's mark on the leftmost shape (see the module docstring); rows has >= 20 values at any size.
+            y0 = rng.choice([y for y in rows if y % len(STREAMS) == STREAMS.index(stream)] if i == 0 else rows)
             boxes.append((x0, y0, x0 + d - 1, y0 + d - 1))
         return scene, tuple(boxes)
 
@@ -236,4 +245,4 @@ class ShapesRows(Rows):
         # The generator's own version: drawing code that changes pictures must change it, or caches go stale.
         # Other splits' sizes are left out: a longer val split leaves the train pictures as they were.
         others = {f"{s}_size" for s in SPLITS if s != self.split}
-        return f"shapes-1:{self.split}:{self.source.options.model_dump_json(exclude=others)}"
+        return f"shapes-2:{self.split}:{self.source.options.model_dump_json(exclude=others)}"

@@ -14,7 +14,7 @@ import pytest
 import prefixcap
 from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import (
-    BACKGROUND, COLOURS, KINDS, SIZES, SPLITS, Scene, Shape, ShapesExample, ShapesSource, parse_caption, references,
+    BACKGROUND, COLOURS, KINDS, SIZES, SPLITS, STREAMS, Scene, Shape, ShapesExample, ShapesSource, parse_caption, references,
     scene_accuracy,
 )  # fmt: skip
 from prefixcap.errors import PluginError
@@ -164,7 +164,24 @@ def test_splits_never_share_an_image():
     assert sum(a == b for a, b in zip(scenes["train"], scenes["val"])) < 20
     assert sum(a == b for a, b in zip(scenes["val"], scenes["test"])) < 20
     for number, split in enumerate(SPLITS):  # the split's mark on the leftmost shape
-        assert all(e.boxes[0][1] % 3 == number for e in take(src, split, 100))
+        assert all(e.boxes[0][1] % len(STREAMS) == number for e in take(src, split, 100))
+
+
+def test_the_pretraining_streams_share_no_picture_with_any_runs_splits():
+    # The shipped encoder and CLIP learnt the world from these streams; under any seed a run's split may draw the
+    # same scene, never the same picture, so no recipe's test image was seen in pretraining.
+    pretrain = {s: [source().draw(s, i) for i in range(300)] for s in STREAMS[len(SPLITS):]}
+    assert {e.boxes[0][1] % len(STREAMS) for e in pretrain["pretrain"]} == {3}
+    assert {e.boxes[0][1] % len(STREAMS) for e in pretrain["pretrain-heldout"]} == {4}
+    for seed in (0, 1):
+        runs = source(seed=seed, train_size=300, val_size=300, test_size=300)
+        for split in SPLITS:
+            for e in runs.examples(split):
+                assert e.boxes[0][1] % len(STREAMS) == SPLITS.index(split)
+    with pytest.raises(ValueError, match="unknown stream"):
+        source().draw("dev", 0)
+    with pytest.raises(ValueError, match="unknown split"):
+        source().example("pretrain", 0)  # a recipe cannot name them
 
 
 def test_options_shape_the_world():

@@ -6,7 +6,7 @@ from prefixcap.metrics.clipscore import PROMPT, ClipScorer, clip_s
 
 
 def test_true_caption_outscores_another_images_caption_on_held_out_images():
-    # Seed 0 is the recipes' world; the scorer was trained on images of another seed (prefixcap.data.shapes_pretrain).
+    # Seed 0 is the recipes' world; the scorer was trained on the pretrain stream, whose pictures no split draws (scripts/pretrain_shapes.py).
     examples = list(ShapesSource(ShapesOptions(test_size=300)).examples("test"))
     scorer = ClipScorer.from_pretrained("prefixcap/shapes-clip")
     images = scorer.image_embeddings([e.image for e in examples])

@@ -2,8 +2,10 @@
 
 No CLIP or SigLIP weights can be fetched offline, yet the quickstart needs a pretrained frozen encoder (a random one
 cannot tell a circle from a square well enough for a decoder to learn it in minutes) and shapes runs need a real
-CLIPScore. So both are trained here, once, on images of a shapes seed no recipe uses (they differ from every run's
-splits), and checked on held-out images of seed 0, the recipes' own:
+CLIPScore. So both are trained here, once, on the shapes world's ``pretrain`` stream and checked on its
+``pretrain-heldout`` stream: each stream owns layouts no other stream draws (prefixcap/data/shapes.py), so no image
+of any run's train, val or test split, under any seed, is one of these, and the recipes' test split informs no choice
+made here (such as the number of steps below):
 
 - ``shapes-clip``: a transformers CLIPModel, the CLIPScore model of shapes runs. Softmax contrastive loss with hard
   negatives: besides the other images' captions, each batch holds a caption of a near-miss scene per image (two
@@ -17,11 +19,12 @@ splits), and checked on held-out images of seed 0, the recipes' own:
   readable from the tokens (a linear probe told circle, square and triangle apart on 49% of shape patches) and a
   quickstart decoder reached 46% exact-scene accuracy on it. Length is what matters for a ViT this small learning
   shapes from scratch: captioning for 1,000 steps on 16,000 images left the captioner itself at 39% and the
-  quickstart at 46.5%; 4,000 steps on 32,000 images (65 min on one CPU core) gives 88% and 100%. The decoder
+  quickstart at 46.5%; 4,000 steps on 32,000 images (about an hour on one CPU core) gives 88% and 100% (figures of
+  the first shipped encoder; training.json beside each model records its own). The decoder
   trained here is thrown away; a separate model scores the captioners (the CLIP above): scoring with the
   captioner's own encoder would reward its blind spots.
 
-    python -m prefixcap.data.shapes_pretrain            # rewrites prefixcap/assets/shapes-{siglip,clip}/
+    python scripts/pretrain_shapes.py            # rewrites prefixcap/assets/shapes-{siglip,clip}/
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer,
 from prefixcap.images import ImageProcessor
 from prefixcap.metrics.clipscore import PROMPT, embeddings_of
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-PRETRAIN_SEED = 7919  # a shapes seed of its own: no recipe draws these images
+ASSETS = Path(__file__).resolve().parent.parent / "prefixcap" / "assets"
+TRAIN, HELDOUT = "pretrain", "pretrain-heldout"  # the shapes world's streams that no recipe can name
 IMAGE_SIZE, PATCH = 64, 8  # the shapes world's default size, 8x8 patches -> 64 tokens
 MAX_TEXT = 32  # tokens, with <s>, </s> and the CLIPScore prompt: the longest shapes caption has 22 words
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -89,15 +92,13 @@ def near_miss(scene: Scene, rng: random.Random, sizes: bool) -> Scene:
             return tuple(new)
 
 
-def world(split: str, size: int, seed: int, sizes: bool) -> ShapesSource:
-    return ShapesSource(ShapesOptions(seed=seed, sizes=sizes, **{f"{split}_size": size}))
-
-
-def load_images(n: int, split: str, seed: int, processor: ImageProcessor) -> tuple[Tensor, list[Scene], list[bool]]:
-    """Half the images without sizes (the default world), half with; pixels as the model's processor makes them."""
+def load_images(n: int, stream: str, processor: ImageProcessor) -> tuple[Tensor, list[Scene], list[bool]]:
+    """Half the images without sizes (the default world), half with; pixels as the model's processor makes them.
+    (Held in RAM: 32,000 images of 64 pixels are 1.5 GB, and this script is no model of a data path.)"""
     pixels, scenes, sized = [], [], []
     for sizes in (False, True):
-        for ex in world(split, n // 2, seed, sizes).examples(split):
+        world = ShapesSource(ShapesOptions(sizes=sizes))
+        for ex in (world.draw(stream, i) for i in range(n // 2)):
             pixels.append(processor.one(ex.image))
             scenes.append(ex.scene)
             sized.append(sizes)
@@ -182,7 +183,7 @@ def clip_report(model, probe: torch.nn.Linear, n: int = 400) -> dict[str, float]
     """Held-out check: image i's caption against image j's, for pairs of different scenes; against a near miss;
     and how often the read-out gets each slot attribute right."""
     model.eval()
-    pixels, scenes, sized = load_images(n, "test", 0, clip_processor())
+    pixels, scenes, sized = load_images(n, HELDOUT, clip_processor())
     rng = random.Random(0)
     own = [references(s)[0] for s in scenes]
     miss = [rng.choice(references(near_miss(s, rng, z))) for s, z in zip(scenes, sized)]
@@ -211,7 +212,7 @@ def train_clip(images: int, epochs: int, batch: int, lr: float, seed: int = 0):
     model = CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=128))
     probe = torch.nn.Linear(model.config.projection_dim, 3 * sum(SLOT_CLASSES))  # dropped after training
     started = time.perf_counter()
-    pixels, scenes, sized = load_images(images, "train", PRETRAIN_SEED, clip_processor())
+    pixels, scenes, sized = load_images(images, TRAIN, clip_processor())
     labels = torch.tensor([slot_labels(s) for s in scenes])
     steps = epochs * (len(scenes) // batch)
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=lr, weight_decay=0.05)
@@ -248,7 +249,7 @@ def train_siglip(images: int, epochs: int, batch: int, lr: float, seed: int = 0)
         system = compose({"encoder": {"name": "siglip", "checkpoint": tmp}, **CAPTIONER})
     system.encoder.model.requires_grad_(True)
     started = time.perf_counter()
-    pixels, scenes, _ = load_images(images, "train", PRETRAIN_SEED, system.encoder.image_processor)
+    pixels, scenes, _ = load_images(images, TRAIN, system.encoder.image_processor)
     steps = epochs * (len(scenes) // batch)
     optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     schedule = cosine_schedule(optimizer, steps)
@@ -262,11 +263,11 @@ def train_siglip(images: int, epochs: int, batch: int, lr: float, seed: int = 0)
             print(f"siglip: step {step}/{steps} caption loss {loss.item():.4f} "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
     system.eval()
-    test = world("test", 400, 0, False)
-    captions = system.caption([e.image for e in test.examples("test")], max_new_tokens=MAX_TEXT)
+    heldout = [ShapesSource().draw(HELDOUT, i) for i in range(400)]
+    captions = system.caption([e.image for e in heldout], max_new_tokens=MAX_TEXT)
     report = {"train_images": len(scenes), "epochs": epochs, "batch": batch, "lr": lr, "steps": steps,
               "train_seconds": round(time.perf_counter() - started), "captioner": CAPTIONER,
-              "captioner_exact_scene_accuracy": scene_accuracy(captions, list(test.scenes("test")))}  # fmt: skip
+              "heldout_exact_scene_accuracy": scene_accuracy(captions, [e.scene for e in heldout])}  # fmt: skip
     return system.encoder.model, report
 
 
@@ -301,7 +302,8 @@ def main() -> None:
         images, epochs = SHIPPED[kind]  # what the shipped models were trained with
         model, report = train(args.images or images, args.epochs or epochs, args.batch, args.lr)
         print(json.dumps(report), flush=True)
-        save(model, {"model": f"shapes-{kind}", **report}, args.out / f"shapes-{kind}")
+        streams = {"train_stream": TRAIN, "heldout_stream": HELDOUT}  # of the shapes world; see the docstring
+        save(model, {"model": f"shapes-{kind}", **streams, **report}, args.out / f"shapes-{kind}")
 
 
 if __name__ == "__main__":
