@@ -43,7 +43,7 @@ from prefixcap.data import ShapesOptions  # noqa: E402
 from prefixcap.data.shapes import ShapesSource  # noqa: E402
 from prefixcap.export import export_system  # noqa: E402
 from prefixcap.onnx_captioner import OnnxCaptioner  # noqa: E402
-from prefixcap.persist import module_state  # noqa: E402
+from prefixcap.weights import module_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

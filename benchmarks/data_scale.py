@@ -82,7 +82,7 @@ def data_overrides(kind: str, sets: dict[str, Path]) -> list[str]:
 
 def cell(recipe: str, overrides: list[str], run_dir: str, steps: int) -> dict[str, Any]:
     """One measured run, in this process (the parent starts one process per cell)."""
-    from prefixcap.train import start
+    from prefixcap.training import start
 
     tic = time.perf_counter()
     # fp16: the default cache dtype (the quickstart recipe itself asks for fp32, to keep its numbers exact)
@@ -129,7 +129,7 @@ def real_encoder() -> Path:
 def throughput(steps: int) -> dict[str, Any]:
     """Quickstart training samples/s with the data path's time included and excluded, from cache and from pixels."""
     from prefixcap.bench import median_rates
-    from prefixcap.train import start
+    from prefixcap.training import start
 
     out = {}
     for name, extra in (("cached_features", []), ("pixels", ["train.cache_features=false"])):

@@ -93,7 +93,7 @@ def random_batch(system: System, batch_size: int, device: torch.device, features
 
 
 def train_step(system: System, batch: Batch, autocast: Callable[[], Any]) -> Callable[[], None]:
-    """One optimiser step as prefixcap.train takes it: autocast forward and loss, backward, clipping, AdamW."""
+    """One optimiser step as prefixcap.training takes it: autocast forward and loss, backward, clipping, AdamW."""
     train = system.recipe.train
     groups = system.param_groups()
     optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr or train.lr} for g in groups])

@@ -10,10 +10,11 @@ Importing prefixcap does not import torch; building a system does.
 """
 
 from prefixcap.compose import compose, validate
-from prefixcap.errors import CompositionError, PluginError, PrefixcapError, RecipeError, UnknownComponentError
+from prefixcap.errors import (CompositionError, PluginError, PrefixcapError, RecipeError, SavedSystemError,
+                              UnknownComponentError)
 from prefixcap.hookspecs import hookimpl
 from prefixcap.recipe import Recipe, list_recipes, load_recipe
-from prefixcap.registry import ComponentOptions, create, get_component, list_components
+from prefixcap.registry import CheckpointOptions, ComponentOptions, create, get_component, list_components
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,7 @@ def load(directory, device=None, *, trust_remote_code: bool = False):
 
 
 __all__ = [
-    "ComponentOptions", "CompositionError", "PluginError", "PrefixcapError", "Recipe", "RecipeError",
-    "UnknownComponentError", "compose", "create", "get_component", "hookimpl", "list_components", "list_recipes",
-    "load", "load_recipe", "validate",
+    "CheckpointOptions", "ComponentOptions", "CompositionError", "PluginError", "PrefixcapError", "Recipe",
+    "RecipeError", "SavedSystemError", "UnknownComponentError", "compose", "create", "get_component", "hookimpl",
+    "list_components", "list_recipes", "load", "load_recipe", "validate",
 ]  # fmt: skip

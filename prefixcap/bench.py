@@ -12,6 +12,7 @@ target is reported with the training seconds spent until then (evaluation time n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -25,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import PluginError, PrefixcapError
+from prefixcap.interfaces import Metric
 from prefixcap.recipe import Recipe, find_recipe, load_recipe
 
 # A system name -> (its offline preset on the shapes world, its real-size recipe, used when --data is given).
@@ -34,7 +36,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "crossattn": ("quickstart-crossattn", "crossattn-vit-distilgpt2"),
 }
 SECONDS_MODE_STEPS = 10_000_000  # with a wall-clock budget the step count is unknown: the LR stays flat after warmup
-QUALITY = ("oracle_accuracy", "clip_s", "ref_clip_s", "cider", "bleu4")  # held-out (test split) metrics reported
+QUALITY = ("clip_s", "ref_clip_s", "cider", "bleu4")  # held-out (test split) metrics of any data, after its headline
 
 
 class BenchError(PrefixcapError):
@@ -43,7 +45,7 @@ class BenchError(PrefixcapError):
 
 @dataclass(frozen=True)
 class Target:
-    metric: str  # a validation metric (oracle_accuracy, clip_s, cider, loss, ...)
+    metric: str  # a validation metric (the data's headline, clip_s, cider, loss, ...)
     value: float
     higher_is_better: bool = True
 
@@ -51,7 +53,7 @@ class Target:
     def parse(cls, text: str) -> Target:
         match = re.fullmatch(r"\s*([a-z0-9_]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
         if not match:
-            raise BenchError(f"--target {text!r}: expected METRIC>=VALUE or METRIC<=VALUE, e.g. oracle_accuracy>=0.9")
+            raise BenchError(f"--target {text!r}: expected METRIC>=VALUE or METRIC<=VALUE, e.g. clip_s>=0.7")
         return cls(match[1], float(match[3]), match[2] == ">=")
 
     def reached(self, value: float) -> bool:
@@ -78,6 +80,7 @@ class Protocol:
     clip_model: str | None
     gen_images: int  # images captioned one at a time for latency; batch-N speed uses 8 batches of validation images
     gen_batch: int  # N of "images/s at batch N" (also the evaluation batch)
+    headline: Metric | None = None  # the data's own metric (DatasetSource.headline): first row, default target
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         return {
@@ -94,6 +97,14 @@ class Protocol:
 class Entry:
     label: str
     recipe: Recipe
+
+
+@dataclass(frozen=True)
+class EntryStarted:
+    """Reported before an entry trains; its run's own events follow, reported with the entry's label."""
+
+    label: str
+    recipe: str
 
 
 @dataclass
@@ -141,6 +152,25 @@ def parse_data(spec: str) -> dict[str, Any]:
     raise BenchError(f"--data {spec!r}: give a dataset name, a {{name: ..., ...}} mapping, or a recipe file")
 
 
+def data_headline(data_section: dict[str, Any]) -> Metric | None:
+    """The headline metric the data set declares, read from its registered class (nothing is built or read)."""
+    from prefixcap.registry import get_component
+
+    try:
+        factory = get_component("dataset", str(data_section.get("name"))).load_factory()
+    except PluginError:
+        return None  # an unknown name: the recipe check that follows says so, with the file and line
+    headline = getattr(factory, "headline", None)
+    return headline if isinstance(headline, Metric) else None
+
+
+def default_target(headline: Metric | None) -> Target | None:
+    """Without --target, time the data's own headline metric to the target it declares."""
+    if headline is None or headline.target is None:
+        return None
+    return Target(headline.name, headline.target, headline.higher_is_better)
+
+
 def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None = None, seconds: float | None = None,
          seed: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
          target: str | None = None, gen_images: int = 32,
@@ -157,15 +187,15 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
     if data_section is None:
         raise BenchError(f"{first.source}: no data section; give --data (e.g. --data shapes)")
     steps = steps if steps is not None or seconds is not None else first.train.steps
+    headline = data_headline(data_section)
     protocol = Protocol(
         data=data_section, seed=first.train.seed if seed is None else seed,
         batch_size=batch_size or first.train.batch_size, steps=steps, seconds=seconds,
         eval_every=eval_every or first.eval.every_steps or max(1, (steps or 1000) // 10),
-        target=Target.parse(target) if target else (Target("oracle_accuracy", 0.9)
-                                                    if data_section.get("name") == "shapes" else None),
+        target=Target.parse(target) if target else default_target(headline),
         max_caption_tokens=first.train.max_caption_tokens, max_new_tokens=first.generate.max_new_tokens,
         eval_examples=first.eval.max_examples, clip_model=first.eval.clip_model, gen_images=gen_images,
-        gen_batch=first.eval.batch_size,
+        gen_batch=first.eval.batch_size, headline=headline,
     )  # fmt: skip
     entries, labels = [], set()
     for name, recipe in zip(names, own):
@@ -177,9 +207,7 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
         while label in labels:
             label += "'"
         labels.add(label)
-        r = load_recipe(spec, overrides)
-        r._source = recipe.source  # messages still name the entry's file
-        entries.append(Entry(label, r))
+        entries.append(Entry(label, load_recipe(spec, overrides, origin=recipe)))  # messages name the entry's file
     protocol.data = entries[0].recipe.to_dict()["data"]  # as --set left it, the same for every entry
     _check_resolution(entries)
     return protocol, entries
@@ -273,12 +301,16 @@ def time_to_target(history: list[dict[str, Any]], target: Target) -> tuple[dict[
         f"not reached in {history[-1]['step']} steps (best {best['val'][target.metric]:.3g}, step {best['step']})")
 
 
+def quality_keys(headline: Metric | None) -> list[str]:
+    return [*([headline.name] if headline else []), *QUALITY]
+
+
 def _dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
-def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[dict], None]) -> EntryResult:
-    from prefixcap.train import start
+def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any], None]) -> EntryResult:
+    from prefixcap.training import start
 
     tic = time.perf_counter()
     trainer = start(entry.recipe, run_dir=out / entry.label, fresh=True, report=report)
@@ -293,11 +325,10 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[dic
     total_params, trainable = trainer.system.parameter_counts()
     values: dict[str, Any] = {}
     why: dict[str, str] = {}
-    for name in QUALITY:
+    for name in quality_keys(protocol.headline):
         values[name] = metrics.get(f"test_{name}", metrics.get(f"val_{name}"))
         if values[name] is None:
-            why[name] = {"oracle_accuracy": "the data has no exact oracle (only the shapes world has one)"}.get(
-                name, "eval.clip_model is null" if "clip" in name else "not computed")
+            why[name] = "eval.clip_model is null" if "clip" in name else "not computed"
     values.update(train_samples_per_s=compute, train_samples_per_s_with_data=total, timed_steps=timed)
     pixels = trainer.pixels(trainer.val_split, max(protocol.gen_images, 8 * protocol.gen_batch))
     values.update(caption_speed(trainer.system, pixels, entry.recipe.generate,
@@ -323,9 +354,10 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[dic
 # --- the comparison -----------------------------------------------------------------------------------------------
 
 
-def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable[[dict], None] | None = None,
+def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable[[Any, str | None], None] | None = None,
           **options: Any) -> dict[str, Any]:  # fmt: skip
     """Run the comparison (options: see ``plan``); write bench.json, bench.md and bench.png under ``out``.
+    ``report(event, entry_label)`` receives EntryStarted and each entry's run events (prefixcap.training.events).
 
     Returns the report that bench.json holds: environment, protocol, entries (figures, and why any is missing),
     and each later entry's ratios to the first."""
@@ -339,16 +371,16 @@ def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BenchError(f"cannot write the bench directory {out}: {e.strerror or e}") from None
-    say = report or (lambda row: None)
+    say = report or (lambda event, entry: None)
     results = []
     for entry in entries:
-        say({"entry": entry.label, "recipe": entry.recipe.source})
-        results.append(asdict(run_entry(entry, protocol, out, lambda row, label=entry.label: say({**row,
-                                                                                                  "of": label}))))
+        say(EntryStarted(entry.label, entry.recipe.source), entry.label)
+        results.append(asdict(run_entry(entry, protocol, out, lambda event, label=entry.label: say(event, label))))
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     protocol_dict = {**asdict(protocol), "target": str(protocol.target) if protocol.target else None}
+    protocol_dict = json.loads(json.dumps(protocol_dict))  # as bench.json holds it (the headline's bounds a list)
     result = {"environment": bench_report.environment(device), "protocol": protocol_dict, "entries": results,
               "ratios": bench_report.ratios(results)}  # fmt: skip
     result["files"] = {k: str(v) for k, v in bench_report.write(result, out).items()}

@@ -12,9 +12,8 @@ from typing import Any
 
 from prefixcap.checkpoints import installed_versions
 
-# (key, what the table calls it, format); the order of the table's rows.
+# (key, what the table calls it, format); the order of the table's rows, after the data's headline metric.
 COLUMNS: list[tuple[str, str, str]] = [
-    ("oracle_accuracy", "exact-scene accuracy (test)", "{:.3f}"),
     ("clip_s", "CLIP-S (test)", "{:.4f}"),
     ("ref_clip_s", "RefCLIP-S (test)", "{:.4f}"),
     ("cider", "CIDEr (test)", "{:.3f}"),
@@ -94,11 +93,17 @@ def cell(entry: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(int(value) if fmt.endswith("d}") or fmt == "{:,}" else value)
 
 
+def columns(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """COLUMNS, led by the headline metric the data declared (bench.json's protocol.headline), if any."""
+    headline = report["protocol"].get("headline")
+    return ([(headline["name"], f"{headline['label']} (test)", "{:.3f}")] if headline else []) + COLUMNS
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
     """The table: one row per figure, one column per entry; later entries show their ratio to the first."""
     entries, rel = report["entries"], report["ratios"]
     table = []
-    for key, label, fmt in COLUMNS:
+    for key, label, fmt in columns(report):
         row = [label]
         for e in entries:
             text = cell(e, key, fmt)
@@ -131,9 +136,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = report["entries"]
-    quality = next((k for k in ("oracle_accuracy", "clip_s", "cider")
-                    if all(e["values"].get(k) is not None for e in entries)), None)  # fmt: skip
+    entries, headline = report["entries"], report["protocol"].get("headline") or {}
+    quality = next((k for k in (headline.get("name"), "clip_s", "cider")
+                    if k and all(e["values"].get(k) is not None for e in entries)), None)  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for e in entries:
         x = e["values"]["train_samples_per_s"]
@@ -141,8 +146,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         left.scatter([x], [y], s=60)
         left.annotate(e["label"], (x, y), textcoords="offset points", xytext=(6, 4))
     left.set_xlim(left=0)
-    if quality == "oracle_accuracy":
-        left.set_ylim(0, 1.05)
+    if quality == headline.get("name") and headline.get("bounds"):
+        low, high = headline["bounds"]
+        left.set_ylim(low, high + 0.05 * (high - low))
     left.set_xlabel("training samples/s (median, data excluded)")
     left.set_ylabel(f"{quality} (test)" if quality else "no quality metric for every entry")
     left.set_title("quality vs training throughput")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, TextIO
 from PIL import Image
 
 from prefixcap.errors import ImageError, PrefixcapError, summary
-from prefixcap.image_io import IMAGE_EXTENSIONS, open_image
+from prefixcap.images import IMAGE_EXTENSIONS, open_image
 
 if TYPE_CHECKING:
     from prefixcap.interfaces import System
@@ -28,7 +28,8 @@ EMPTY_CAPTION = "the model wrote an empty caption"
 
 
 class CaptionError(PrefixcapError):
-    """Captioning cannot start: no such run or saved system, no CLIPScore model to score with, ..."""
+    """Captioning cannot start: no CLIPScore model to score with, an unwritable --out, ... (no such run or saved
+    system is a SavedSystemError)."""
 
 
 class Captioner(Protocol):
@@ -190,31 +191,23 @@ def _device() -> str:
 def load_captioner(source: str | Path) -> System:
     """The saved system in ``source``: a run directory (its final/) or a directory written by ``System.save``; on
     the GPU when there is one."""
-    from prefixcap.persist import load_system
+    from prefixcap.persist import load_system, saved_system_dir
 
-    path = Path(source)
-    if (path / "final").is_dir():
-        path = path / "final"
-    elif not path.is_dir():
-        found = "not a directory" if path.exists() else "no such directory"
-        raise CaptionError(f"{source}: {found}; expected a run directory or a saved system")
-    elif not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
-        raise CaptionError(f"{source}: this run has no final/ yet; finish it with `prefixcap run` first")
-    return load_system(path, _device())
+    return load_system(saved_system_dir(source), _device())
 
 
 def load_clip_scorer(recipe: Recipe | None, clip_model: str | None = None) -> ClipScorer:
     """``clip_model``, else the recipe's eval.clip_model, picked as `prefixcap run` picks it ("auto": the data's own
     scorer, e.g. prefixcap/shapes-clip for shapes, else the paper's CLIP ViT-B/32)."""
-    from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, ClipScorer
+    from prefixcap.metrics.clipscore import ClipScorer, choose_clip_model
     from prefixcap.registry import create
 
     name = clip_model
     if name is None and recipe is not None:
-        name = recipe.eval.clip_model
-        if name == "auto":
-            source = create("dataset", recipe.data.name, recipe.data.options) if recipe.data is not None else None
-            name = getattr(source, "clip_model", None) or DEFAULT_CHECKPOINT
+        setting = recipe.eval.clip_model
+        auto = setting == "auto" and recipe.data is not None
+        source = create("dataset", recipe.data.name, recipe.data.options) if auto else None
+        name = choose_clip_model(setting, getattr(source, "clip_model", None))
     if name is None:
         why = "an ONNX export names none" if recipe is None else "the saved recipe's eval.clip_model is null"
         raise CaptionError(f"no CLIPScore model to score with: {why}; name one with --clip-model")

@@ -154,38 +154,41 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
     """Train RECIPE and evaluate it; an interrupted run resumes from its last checkpoint when run again."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from prefixcap.train import run as run_recipe
+    from prefixcap.data.loader import FeatureCacheReady
+    from prefixcap.training import Evaluated, Resumed, Started, Stepped, Stopped
+    from prefixcap.training import run as run_recipe
 
     # A live bar on a terminal; plain lines (one per logged step) when stdout is a file or a pipe.
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                         TimeRemainingColumn(), console=out, disable=not out.is_terminal)  # fmt: skip
     task = None
 
-    def report(row: dict) -> None:
+    def report(event: object) -> None:
         nonlocal task
-        if "total_steps" in row:
-            task = progress.add_task("", total=row["total_steps"], completed=row["step"])
-            progress.start()
-        elif "val" in row:
-            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "clip_s")}
-            progress.console.print(f"step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in
-                                                                            shown.items()), highlight=False)  # fmt: skip
-        elif "loss" in row:
-            line = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row.get('samples_per_s', 0):.0f} samples/s"
-            if row.get("data_images_per_s"):  # beside the training rate: data slower than training starves it
-                line += f"  data {row['data_images_per_s']:.0f} images/s"
-            if out.is_terminal and task is not None:
-                progress.update(task, completed=row["step"], description=line)
-            else:
-                out.print(f"step {row['step']:>6}  {line}", highlight=False)
-        elif "feature_cache" in row:
-            c = row["feature_cache"]
-            built = (f"encoded {c['encoded']} images in {c['seconds']:.1f} s ({c['images_per_s']:.0f} images/s)"
-                     if c["encoded"] else "complete, reused")  # fmt: skip
-            progress.console.print(f"feature cache {c['dir']}: {c['rows']} images, {c['mb']} MiB {c['dtype']}, "
-                                   f"{built}", highlight=False, soft_wrap=True)  # fmt: skip
-        else:
-            progress.console.print("  ".join(f"{k}: {v}" for k, v in row.items()), highlight=False)
+        say = progress.console.print
+        match event:
+            case Started():
+                task = progress.add_task("", total=event.total_steps, completed=event.step)
+                progress.start()
+            case Evaluated():
+                say(f"step {event.step:>6}  val {_metrics_line(event.shown())}", highlight=False)
+            case Stepped():
+                line = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.samples_per_s:.0f} samples/s"
+                if event.data_images_per_s:  # beside the training rate: data slower than training starves it
+                    line += f"  data {event.data_images_per_s:.0f} images/s"
+                if out.is_terminal and task is not None:
+                    progress.update(task, completed=event.step, description=line)
+                else:
+                    out.print(f"step {event.step:>6}  {line}", highlight=False)
+            case FeatureCacheReady():
+                built = (f"encoded {event.encoded} images in {event.seconds:.1f} s ({event.images_per_s:.0f} "
+                         "images/s)" if event.encoded else "complete, reused")  # fmt: skip
+                say(f"feature cache {event.directory}: {event.rows} images, {event.nbytes / 2**20:.1f} MiB "
+                    f"{event.dtype}, {built}", highlight=False, soft_wrap=True)  # fmt: skip
+            case Resumed():
+                say(f"resume: {event.checkpoint}", highlight=False, soft_wrap=True)
+            case Stopped():
+                say(f"step {event.step:>6}  early stop: {event.reason}", highlight=False)
 
     try:
         result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
@@ -213,7 +216,8 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
 @click.option("--seed", type=int, help="Seed for every entry (default: the first entry's).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Training batch for every entry (default: the first's).")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Steps between validation runs (time to target).")
-@click.option("--target", help="Quality to time, e.g. oracle_accuracy>=0.9 (the default on shapes) or clip_s>=0.7.")
+@click.option("--target", help="Quality to time, e.g. clip_s>=0.7 (default: the target the data declares for its "
+                               "headline metric, if it declares one).")
 @click.option("--gen-images", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images captioned one at a time for the batch-1 speed and latency.")
 @set_option
@@ -227,13 +231,15 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
     from prefixcap.bench import bench as run_bench
     from prefixcap.bench_report import rows
 
-    def report(row: dict) -> None:
-        if "entry" in row:
-            out.rule(f"{row['entry']}  ({row['recipe']})")
-        elif "val" in row:
-            shown = {k: v for k, v in row["val"].items() if k in ("loss", "oracle_accuracy", "cider", "clip_s")}
-            out.print(f"{row['of']}: step {row['step']:>6}  val " + "  ".join(f"{k} {v:.4g}" for k, v in
-                                                                            shown.items()), markup=False, highlight=False)  # fmt: skip
+    from prefixcap.bench import EntryStarted
+    from prefixcap.training import Evaluated
+
+    def report(event: object, entry: str | None = None) -> None:
+        if isinstance(event, EntryStarted):
+            out.rule(f"{event.label}  ({event.recipe})")
+        elif isinstance(event, Evaluated):
+            out.print(f"{entry}: step {event.step:>6}  val {_metrics_line(event.shown())}", markup=False,
+                      highlight=False)  # fmt: skip
 
     result = run_bench(compare.split(","), out=out_dir, overrides=overrides, report=report, **options)
     p, env = result["protocol"], result["environment"]
@@ -379,6 +385,10 @@ def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort
     if web:
         out.print(f"serve it: python -m http.server -d {out_dir}, then open http://localhost:8000/", highlight=False,
                   soft_wrap=True)
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def _with_stdin(args: tuple[str, ...]) -> list[str]:

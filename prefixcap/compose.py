@@ -78,7 +78,7 @@ def compose(
     objects: dict[str, Any] = {k: v for k, v in given.items() if isinstance(v, nn.Module)}
     loss_objects = list(losses) if losses is not None and all(isinstance(x, nn.Module) for x in losses) else None
 
-    base = load_recipe(recipe if recipe is not None else {}, overrides)
+    base = load_recipe(recipe if recipe is not None else {}, overrides)  # a Recipe and no overrides: itself
     specs = {k: v for k, v in given.items() if v is not None and k not in objects}
     if specs or objects or (losses is not None and loss_objects is None):
         data = base.to_dict()
@@ -87,7 +87,7 @@ def compose(
             data.pop(slot, None)
         if losses is not None and loss_objects is None:
             data["losses"] = [x.model_dump() if isinstance(x, ComponentSpec) else x for x in losses]
-        base = load_recipe(data)
+        base = load_recipe(data, origin=base)  # errors in the sections kept still name their file line
     recipe_ = base
 
     def build(loc: Loc, kind: str, spec: ComponentSpec | None, **wiring: Any) -> Any:

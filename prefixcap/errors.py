@@ -31,6 +31,10 @@ class CompositionError(PrefixcapError):
     """Components were found but do not fit together (dimensions, LoRA targets, missing parts)."""
 
 
+class SavedSystemError(PrefixcapError):
+    """A saved system is missing, incomplete or does not match what its manifest describes."""
+
+
 class ImageError(PrefixcapError):
     """An input could not be read or converted to an RGB image; ``reason`` says why without naming the file, for
     reports that show the path in a column of its own."""

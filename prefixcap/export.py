@@ -43,9 +43,9 @@ from torch import Tensor, nn
 from torch.export import Dim
 from transformers import DynamicCache, EncoderDecoderCache
 
-import prefixcap
 from prefixcap.checkpoints import installed_versions
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, FORMAT, ExportError
+from prefixcap.persist import load_system, saved_system_dir
 from prefixcap.systems.crossattn import CrossAttnSystem
 from prefixcap.systems.prefix import PrefixSystem
 
@@ -68,10 +68,8 @@ BATCH, PAST, NEW, PREFIX = 2, 3, 2, 3
 def export_system(source: str | Path, out: str | Path, *, int8: bool = False) -> dict[str, Any]:
     """Export the system saved in ``source`` (a saved system, or a run directory: its final/) to ``out``; returns
     the manifest written there."""
-    source = Path(source)
-    if (source / "final" / "manifest.json").is_file():
-        source = source / "final"
-    system = prefixcap.load(source)
+    source = saved_system_dir(source)
+    system = load_system(source)
     lora = isinstance(system.decoder.model, PeftModel)
     if isinstance(system, PrefixSystem):
         graphs, steps = prefix_graphs(system), PREFIX_STEPS

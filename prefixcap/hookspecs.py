@@ -29,11 +29,13 @@ the wiring compose() supplies for its kind:
 ``pretrained=False`` asks for the architecture only (config, no weights): `prefixcap validate` builds systems that
 way, on the meta device, so that checking a 200M-parameter recipe costs nothing.
 
-A component that loads weights also gives its factory class a classmethod
-``write_tiny_checkpoint(directory, options) -> dict``: it writes a small random model of the same class under
-``directory`` in its library's own format and returns the recipe options that load it from there. The contract
-tests (tests/test_components.py) build every registered component that way, offline. A system that owns its
-models instead of taking the recipe's encoder/connector/decoder sets ``uses_components = False``.
+Options models subclass ``prefixcap.ComponentOptions``; one whose weights are named by a ``checkpoint`` option
+subclasses ``prefixcap.CheckpointOptions``, which adds it (other components refuse that key). A component that loads
+weights also gives its factory class a classmethod ``write_tiny_checkpoint(directory, options) -> dict``: it writes
+a small random model of the same class under ``directory`` in its library's own format and returns the recipe
+options that load it from there. The contract tests (tests/test_components.py) build every registered component
+that way, offline. A system that owns its models instead of taking the recipe's encoder/connector/decoder sets
+``uses_components = False`` (the crossattn system names them in options of its own, ``encoder`` and ``decoder``).
 
 Builtins register through exactly these hooks, declared as entry points in prefixcap's own pyproject.toml.
 """

@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from prefixcap.errors import SavedSystemError
+from prefixcap.data.rows import Example, Rows, spool  # the row contract lives with its Arrow implementation
 from prefixcap.images import ImageProcessor
+from prefixcap.weights import load_into, module_state, save_tensors
 
 if TYPE_CHECKING:
-    from prefixcap.recipe import GenerateConfig
+    from prefixcap.config import GenerateConfig
 
 
 @dataclass
@@ -78,14 +81,10 @@ class Component(nn.Module):
         return trainable_group(self, self.group_name, self.lr)
 
     def trained_state(self) -> dict[str, Tensor]:
-        from prefixcap.persist import module_state
-
         return module_state(self, everything=self.random_init)
 
     def save_trained(self, directory: Path) -> list[str]:
         """Write what this component trained under ``directory``; return the file names written."""
-        from prefixcap.persist import save_tensors
-
         state = self.trained_state()
         if not state:
             return []
@@ -93,8 +92,6 @@ class Component(nn.Module):
         return ["model.safetensors"]
 
     def load_trained(self, directory: Path) -> None:
-        from prefixcap.persist import load_into
-
         if (directory / "model.safetensors").exists():
             load_into(self, directory / "model.safetensors")
 
@@ -270,7 +267,7 @@ class System(nn.Module, ABC):
 
     def caption(self, images: Sequence[Any], **generate: Any) -> list[str]:
         """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options."""
-        from prefixcap.recipe import GenerateConfig
+        from prefixcap.config import GenerateConfig
 
         config = GenerateConfig.model_validate({**self.generate_config.model_dump(), **generate})
         device = next(self.parameters()).device
@@ -294,11 +291,11 @@ class System(nn.Module, ABC):
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> System:
         """Rebuild a saved system (same as prefixcap.load); ``PrefixSystem.load`` also checks what it got."""
-        from prefixcap.persist import CheckpointError, load_system
+        from prefixcap.persist import load_system
 
         system = load_system(Path(directory), device)
         if not isinstance(system, cls):
-            raise CheckpointError(f"{directory} holds a {type(system).__name__}, not a {cls.__name__}")
+            raise SavedSystemError(f"{directory} holds a {type(system).__name__}, not a {cls.__name__}")
         return system
 
     def load_trained(self, directory: str | Path) -> None:
@@ -312,29 +309,21 @@ class System(nn.Module, ABC):
         return total, trainable
 
 
-@dataclass
-class Example:
-    image: Any  # PIL image, path, or array
-    captions: list[str]  # one or more references
+@dataclass(frozen=True)
+class Metric:
+    """A data set's own headline metric, computed by its ``task_metrics``: what `prefixcap run` prints beside the
+    loss, what `prefixcap bench` ranks by and times ``target`` against (its default --target), what curves.png
+    draws. The core names no data set's metric; each declares its own."""
 
+    name: str  # the key task_metrics returns, e.g. "accuracy"
+    label: str  # how tables and plots call it, e.g. "exact-scene accuracy"
+    higher_is_better: bool = True
+    target: float | None = None  # the quality `prefixcap bench` times by default (None: no default target)
+    bounds: tuple[float, float] | None = None  # the range a plot shows, e.g. (0, 1) for a share
 
-class Rows(ABC):
-    """One split with random access, read one example at a time by the trainer's DataLoader workers, so that no
-    split is ever held in memory. Captions are read without decoding the image (the trainer indexes a split by
-    them); ``identity`` keys the feature cache, so it must change whenever any image may have changed."""
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def captions(self, index: int) -> list[str]: ...
-
-    @abstractmethod
-    def image(self, index: int) -> Any:
-        """A PIL image, a path, encoded bytes or an array; an unreadable one raises (ImageError or anything)."""
-
-    @abstractmethod
-    def identity(self) -> str: ...
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"a metric name is a plain identifier, e.g. accuracy, not {self.name!r}")
 
 
 class DatasetSource(ABC):
@@ -345,14 +334,13 @@ class DatasetSource(ABC):
     default writes ``examples`` once to an Arrow file in a temporary directory and reads it memory-mapped."""
 
     clip_model: str | None = None  # a CLIPScore model suited to this data (eval.clip_model: auto); None: CLIP B/32
+    headline: Metric | None = None  # the metric of task_metrics that says most about this data (None: none)
 
     @abstractmethod
     def examples(self, split: str) -> Iterator[Example]: ...
 
     def rows(self, split: str) -> Rows | None:
         """Random access to ``split`` (None: this source has no such split)."""
-        from prefixcap.data.rows import spool
-
         return spool(self.examples(split))
 
     def task_metrics(self, split: str, indices: Sequence[int], captions: Sequence[str]) -> dict[str, float]:

@@ -9,69 +9,26 @@
 ``load(directory)`` rebuilds the system through compose() from the manifest's recipe (base weights come from their
 checkpoints, as when it was first built) and loads the trained tensors on top. Only safetensors and JSON are read:
 no pickle, so a checkpoint from a stranger cannot run code.
+
+Each component writes and reads its own tensors (prefixcap.weights); the directory is published all at once
+(prefixcap.files). This module reaches components only through the registry and compose(), lazily.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
 
 from prefixcap import checkpoints
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import SavedSystemError
+from prefixcap.files import publish_dir, temporary_sibling
 
 FORMAT = "prefixcap-system/1"
-
-
-class CheckpointError(PrefixcapError):
-    """A saved system is missing, incomplete or does not match what its manifest describes."""
-
-
-def module_state(module: nn.Module, everything: bool = False) -> dict[str, Tensor]:
-    """Trainable parameters of ``module`` (or its whole state), with tied tensors stored once."""
-    named = module.state_dict(keep_vars=True)
-    state: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in named.items():
-        if not everything and not (isinstance(tensor, nn.Parameter) and tensor.requires_grad):
-            continue
-        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
-        if key in seen:  # e.g. lm_head tied to embed_tokens: safetensors refuses shared storage
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
-
-
-def save_tensors(state: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
-
-
-def load_into(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``module``: every saved tensor must land on a parameter of the same shape."""
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
-    own = module.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise CheckpointError(f"{path}: tensors {unknown[:5]} do not exist in this {type(module).__name__}")
-    wrong = [k for k, v in state.items() if own[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(
-            f"{path}: shape mismatch for {wrong[0]}: saved {tuple(state[wrong[0]].shape)}, "
-            f"model has {tuple(own[wrong[0]].shape)}"
-        )
-    module.load_state_dict(state, strict=False)
 
 
 def _versions() -> dict[str, str]:
@@ -122,74 +79,6 @@ def save_system(system: Any, directory: Path) -> Path:
     return publish_dir(tmp, directory)
 
 
-# --- writes that are all or nothing ------------------------------------------------------------------------------
-# A run can die at any instruction (SIGKILL, the OOM killer, a full disk). Everything it leaves is written beside
-# its final name, flushed to disk, then renamed over it: a reader sees the old version or the new one, never a mix.
-# Leftover temporaries start with "." and end in ".tmp-<pid>" or ".old-<pid>", so a later run can sweep them.
-
-
-def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
-    tmp = path.parent / f".{path.name}.{kind}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` survive a power cut (the file's own fsync does not cover its name)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are journalled by NTFS
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(tmp: Path, directory: Path) -> Path:
-    """Flush the complete directory ``tmp`` to disk and put it where ``directory`` was (replacing it)."""
-    _fsync_tree(tmp)
-    old = temporary_sibling(directory, "old")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    _fsync_dir(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sweep_temporaries(directory: Path) -> list[Path]:
-    """Remove what writes interrupted in ``directory`` (and one level down) left behind; returns what it removed."""
-    found = [p for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*", "*/.*.old-*") for p in directory.glob(pattern)]
-    for path in found:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return found
-
-
 def _remote_code_settings(recipe: Any, path: str = "") -> list[str]:
     """Where a recipe (as saved in a manifest) sets trust_remote_code true, as dotted paths."""
     if isinstance(recipe, dict):
@@ -201,7 +90,22 @@ def _remote_code_settings(recipe: Any, path: str = "") -> list[str]:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    return checkpoints.read_manifest(directory, FORMAT, CheckpointError, "a saved prefixcap system")
+    return checkpoints.read_manifest(directory, FORMAT, SavedSystemError, "a saved prefixcap system")
+
+
+def saved_system_dir(path: str | Path) -> Path:
+    """The saved system that ``path`` names: a run directory's final/, or a saved system itself."""
+    given, path = path, Path(path)
+    if not path.is_dir():
+        found = "not a directory" if path.exists() else "no such directory"
+        raise SavedSystemError(f"{given}: {found}; expected a run directory or a saved system")
+    if (path / "manifest.json").exists():
+        return path
+    if (path / "final").is_dir():
+        return path / "final"
+    if (path / "checkpoints").is_dir():
+        raise SavedSystemError(f"{given}: this run has no final/ yet; finish it with `prefixcap run` first")
+    return path  # load_system says what it is not
 
 
 def load_system(directory: str | Path, device: str | torch.device | None = None, *,
@@ -213,13 +117,13 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
     manifest = read_manifest(directory)
     remote = _remote_code_settings(manifest.get("recipe"))
     if remote and not trust_remote_code:  # the manifest is a stranger's file: it may not switch code execution on
-        raise CheckpointError(f"{directory}: its recipe sets trust_remote_code ({', '.join(remote)}), which would run "
-                              "code from the checkpoints it names; load it with prefixcap.load(..., "
-                              "trust_remote_code=True) only if you trust them")  # fmt: skip
+        raise SavedSystemError(f"{directory}: its recipe sets trust_remote_code ({', '.join(remote)}), which would "
+                               "run code from the checkpoints it names; load it with prefixcap.load(..., "
+                               "trust_remote_code=True) only if you trust them")  # fmt: skip
     for slot, names in manifest.get("files", {}).items():
         for name in names:
             if not (directory / slot / name).is_file():
-                raise CheckpointError(f"{directory}: {slot}/{name} listed in the manifest is missing")
+                raise SavedSystemError(f"{directory}: {slot}/{name} listed in the manifest is missing")
     system = compose(manifest["recipe"])
     system.load_trained(directory)
     if device is not None:

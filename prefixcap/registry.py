@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefixcap import hookspecs
 from prefixcap.errors import PluginError, UnknownComponentError, first_line
@@ -40,15 +40,22 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class ComponentOptions(BaseModel):
-    """Base of every component's options model: the recipe's ``{name, checkpoint, **options}`` minus ``name``.
+    """Base of every component's options model: the recipe's ``{name, **options}`` minus ``name``.
 
     Subclass it and add fields; unknown keys are rejected so a typo in a recipe is an error, not a silent default.
+    A component that loads weights subclasses CheckpointOptions instead.
     """
 
     # inf and nan are never a sensible rate, size or weight (a plugin model may set allow_inf_nan=True)
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
-    checkpoint: str | None = None
+
+class CheckpointOptions(ComponentOptions):
+    """Options of a component that loads weights: ``checkpoint`` names them (a subclass may give it a default, or
+    make it required); other components refuse a ``checkpoint:`` key like any unknown option."""
+
+    checkpoint: str | None = Field(None, description="where the weights come from: a hub id, a local directory, or "
+                                   "`tiny` (a small random model of the same class)")  # fmt: skip
 
 
 @dataclass(frozen=True)

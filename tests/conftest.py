@@ -177,6 +177,8 @@ def tiny_checkpoint_options(reg, directory: Path, options: dict | None = None) -
     try:
         parsed = reg.parse_options(options or {})
     except ValidationError:  # e.g. causal-lm, whose checkpoint is required
+        if "checkpoint" not in reg.options.model_fields:  # only components that load weights have one
+            raise
         parsed = reg.parse_options({**(options or {}), "checkpoint": "tiny"})
     directory.mkdir(parents=True, exist_ok=True)
     return writer(directory, parsed)
@@ -197,10 +199,10 @@ QUICKSTART_SHORT = ["train.steps=300", "data.train_size=2000", "data.val_size=50
 
 
 def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop_after: int | None = None):
-    """prefixcap.train.run on one thread with the given feature cache (never the user's): the RunResult."""
+    """prefixcap.training.run on one thread with the given feature cache (never the user's): the RunResult."""
     import torch
 
-    from prefixcap.train import run
+    from prefixcap.training import run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these small models train fastest on one thread, the more so on a shared machine
@@ -232,7 +234,7 @@ def quickstart_short(tmp_path_factory):
     session's shared temporary directory while holding a lock, the others wait for it and read the run back."""
     import fcntl
 
-    from prefixcap.train import RunResult
+    from prefixcap.training import RunResult
 
     root = session_directory(tmp_path_factory) / "quickstart-short"
     root.mkdir(exist_ok=True)

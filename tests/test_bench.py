@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import run_cli
 
+from prefixcap import CompositionError
 from prefixcap.bench import BenchError, Target, bench, plan, time_to_target
 from prefixcap.bench_report import COLUMNS
 from prefixcap.data import ShapesOptions
@@ -94,6 +95,18 @@ def test_entries_must_see_images_at_one_resolution(tmp_path):
         plan(["prefix", str(other)])
 
 
+def test_plan_keeps_each_entrys_file_lines_and_overrides():
+    _, entries = plan(["prefix"], steps=3, overrides=["train.lr=2e-3"])
+    recipe = entries[0].recipe
+    assert "quickstart" in recipe.source and (recipe.train.lr, recipe.train.steps) == (2e-3, 3)  # its preset
+    assert recipe.location(("encoder", "checkpoint")) == f"{recipe.source}:5"
+    assert recipe.location(("train", "lr")) == "--set train.lr"
+    assert recipe.location(("train", "steps")) == recipe.source  # the protocol's value, not the file's line
+    with pytest.raises(CompositionError) as e:  # composed as planned: `<dict>` before the recipe kept its source
+        plan(["prefix"], overrides=["connector.pool=avg", "connector.factor=16"])
+    assert str(e.value).startswith(f"{recipe.source}:6: connector 'mlp': pool=avg factor=16")
+
+
 def test_time_to_target_is_the_first_evaluation_that_reaches_it():
     history = [{"step": 1, "train_s": 0.5}, {"step": 2, "train_s": 1.0, "val": {"oracle_accuracy": 0.5}},
                {"step": 4, "train_s": 2.0, "val": {"oracle_accuracy": 0.92}},
@@ -114,3 +127,36 @@ def test_bad_bench_options_are_one_line_errors():
     target = run_cli("bench", "--compare", "prefix", "--target", "accuracy=0.9")
     assert target.returncode == 2 and "expected METRIC>=VALUE" in target.stderr
     assert "Traceback" not in unknown.stderr + both.stderr + target.stderr
+
+
+def test_the_data_declares_its_headline_metric_and_bench_follows_it(tmp_path):
+    from prefixcap.bench import data_headline, default_target
+    from prefixcap.bench_report import markdown
+    from prefixcap.interfaces import Metric
+    from prefixcap.training.curves import plot_curves
+    from prefixcap.training.events import Evaluated
+
+    # The shapes world's own declaration drives the default target; a source that declares none gets no target.
+    assert data_headline({"name": "shapes"}) is ShapesSource.headline
+    assert str(default_target(ShapesSource.headline)) == "oracle_accuracy>=0.9"
+    assert data_headline({"name": "jsonl", "train": "x.jsonl"}) is None and default_target(None) is None
+    assert default_target(Metric("wer", "word error rate", higher_is_better=False, target=0.2)).reached(0.1)
+    with pytest.raises(ValueError, match="plain identifier"):
+        Metric("count accuracy", "x")
+
+    # Any data set's metric, named by nothing in prefixcap: first row of the table, on the progress line, in the plot.
+    counting = Metric("count_accuracy", "object-count accuracy", target=0.8, bounds=(0, 1))
+    entry = {"label": "prefix", "values": {"count_accuracy": 0.75}, "why": {}}
+    report = {"environment": {"device": {"name": "cpu", "type": "cpu"}, "versions": {"prefixcap": "0", "torch": "0"},
+                              "git_revision": "x"},
+              "protocol": {"data": {"name": "counting"}, "seed": 0, "batch_size": 1, "steps": 1,
+                           "headline": {"name": "count_accuracy", "label": "object-count accuracy"}},
+              "entries": [entry], "ratios": {}}  # fmt: skip
+    assert "| object-count accuracy (test) | 0.750 |" in markdown(report)
+    without = {**report, "protocol": {**report["protocol"], "headline": None}}
+    assert "accuracy" not in markdown(without) and len(markdown(without).splitlines()) == 5 + len(COLUMNS)
+    shown = Evaluated(3, {"loss": 1.0, "count_accuracy": 0.5, "bleu4": 0.1, "cider": 0.2}, counting).shown()
+    assert list(shown) == ["loss", "count_accuracy", "cider"]
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "val": {"loss": 1.5, "count_accuracy": 0.5}}]
+    plot_curves(history, tmp_path / "curves.png", counting)
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap import compose, image_io
+from prefixcap import compose, images
 from prefixcap.caption import (EMPTY_CAPTION, CaptionError, caption_paths, expand_paths, load_clip_scorer,
                                tidy_alt_text)  # fmt: skip
 from prefixcap.errors import ImageError
-from prefixcap.image_io import open_image
+from prefixcap.images import open_image
 from prefixcap.recipe import load_recipe
 
 from conftest import REPO, fit_batch, run_cli
@@ -88,11 +88,11 @@ def test_open_image_says_what_is_wrong(tmp_path):
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     path = saved_image(tmp_path / "bomb.png", Image.new("RGB", (500, 500), "red"))
-    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 200_000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 200_000)
     with pytest.raises(ImageError, match="500x500 pixels is over the limit of 200,000"):
         open_image(path)
     # PIL's own check only warns at its limit; that warning refuses the file too
-    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10**9)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
     with pytest.raises(ImageError, match="decompression bomb"):
         open_image(path)
@@ -114,7 +114,7 @@ def test_training_reads_image_files_the_same_way(tmp_path):
 
 
 def test_caption_paths_captions_what_it_can_and_reports_the_rest(system, tmp_path, monkeypatch):
-    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 150_000)  # the 10000x10 image is under it, bomb.png is not
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 150_000)  # the 10000x10 image is under it, bomb.png is not
     good, bad = write_inputs(tmp_path)
     order = [good[0], *bad[:2], *good[1:5], *bad[2:], *good[5:]]
     rows = list(caption_paths(system, order, batch_size=4, max_new_tokens=6))
@@ -246,7 +246,7 @@ def test_clip_scorer_is_the_recipes_unless_named():
 
 
 def test_reading_and_captioning_modules_do_not_import_torch():
-    code = "import sys, prefixcap.cli, prefixcap.caption, prefixcap.image_io; assert 'torch' not in sys.modules"
+    code = "import sys, prefixcap.cli, prefixcap.caption, prefixcap.images; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from prefixcap import compose, create
 from prefixcap.decoding import greedy
-from prefixcap.recipe import GenerateConfig
+from prefixcap.config import GenerateConfig
 from prefixcap.data.loader import index_split
-from prefixcap.train import evaluate
+from prefixcap.training import evaluate
 
 from conftest import fit_batch
 

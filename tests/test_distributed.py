@@ -33,7 +33,7 @@ ATOL = 1e-5  # weights, absolute: Adam normalises each gradient, so a near-zero 
 
 RESUME = """
 import sys
-from prefixcap.train import run
+from prefixcap.training import run
 
 run("quickstart", sys.argv[2:], run_dir=sys.argv[1], stop_after=9, report=lambda row: None)
 """

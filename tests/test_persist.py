@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import prefixcap
 from prefixcap import compose
 from prefixcap.decoders.tokenizer import EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
-from prefixcap.persist import CheckpointError
+from prefixcap.errors import SavedSystemError
+from prefixcap.persist import saved_system_dir
 
 from conftest import fit_batch
 
@@ -58,7 +59,7 @@ def test_load_gives_identical_greedy_captions(tmp_path):
     assert type(system).load(tmp_path / "final").caption(IMAGES, max_new_tokens=12) == before
     from prefixcap.systems.crossattn import CrossAttnSystem
 
-    with pytest.raises(CheckpointError, match="holds a PrefixSystem, not a CrossAttnSystem"):
+    with pytest.raises(SavedSystemError, match="holds a PrefixSystem, not a CrossAttnSystem"):
         CrossAttnSystem.load(tmp_path / "final")
     for (name, a), (_, b) in zip(system.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -88,19 +89,32 @@ def test_adapter_loads_with_plain_peft(tmp_path):
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no manifest.json"):
+    with pytest.raises(SavedSystemError, match="no manifest.json"):
         prefixcap.load(tmp_path)
     torch.manual_seed(0)
     compose(TINY).save(tmp_path / "final")
     (tmp_path / "final" / "connector" / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(CheckpointError, match="unreadable safetensors file"):
+    with pytest.raises(SavedSystemError, match="unreadable safetensors file"):
         prefixcap.load(tmp_path / "final")
     (tmp_path / "final" / "connector" / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="connector/model.safetensors listed in the manifest is missing"):
+    with pytest.raises(SavedSystemError, match="connector/model.safetensors listed in the manifest is missing"):
         prefixcap.load(tmp_path / "final")
     (tmp_path / "final" / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="unreadable manifest"):
+    with pytest.raises(SavedSystemError, match="unreadable manifest"):
         prefixcap.load(tmp_path / "final")
+
+
+def test_saved_system_dir_takes_a_run_or_a_saved_system(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    assert saved_system_dir(tmp_path / "run") == tmp_path / "run" / "final"
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "manifest.json").write_text("{}")
+    assert saved_system_dir(tmp_path / "saved") == tmp_path / "saved"
+    with pytest.raises(SavedSystemError, match="no such directory; expected a run directory or a saved system"):
+        saved_system_dir(tmp_path / "nothing")
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SavedSystemError, match="this run has no final/ yet"):
+        saved_system_dir(tmp_path / "unfinished")
 
 
 def test_tokenize_appends_eos_masks_prompt_and_padding():

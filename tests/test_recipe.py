@@ -5,7 +5,7 @@ import tracemalloc
 
 import pytest
 
-from prefixcap import RecipeError, load_recipe
+from prefixcap import CompositionError, RecipeError, compose, load_recipe
 from prefixcap.connectors import MLPOptions
 from prefixcap.decoders import SmolLMOptions
 from prefixcap.encoders import SiglipOptions
@@ -76,7 +76,7 @@ def test_component_option_errors_point_into_the_component(tmp_path):
     msg = error_of(write(tmp_path, GOOD.replace("r: 4", "r: 0").replace("hidden: 64", "hiden: 64")))
     lines = msg.splitlines()
     assert lines[0].endswith(":8: connector.hiden: unknown option 'hiden' (expected one of: activation, "
-                             "checkpoint, dropout, factor, hidden, lr, pool)")  # fmt: skip
+                             "dropout, factor, hidden, lr, pool)")  # fmt: skip
     assert lines[1].endswith(":12: decoder.lora.r: Input should be greater than or equal to 1; got 0")
 
 
@@ -154,3 +154,68 @@ def test_apply_override_list_index():
     data = {"losses": [{"name": "caption-ce"}]}
     apply_override(data, "losses.0.label_smoothing=0.1")
     assert data == {"losses": [{"name": "caption-ce", "label_smoothing": 0.1}]}
+
+
+def test_checkpoint_is_an_option_only_of_components_that_load_weights(tmp_path):
+    path = write(tmp_path, GOOD.replace("  hidden: 64\n", "  hidden: 64\n  checkpoint: x\n"))
+    assert error_of(path) == (f"{path}:9: connector.checkpoint: unknown option 'checkpoint' (expected one of: "
+                              "activation, dropout, factor, hidden, lr, pool)")  # fmt: skip
+    for slot, section in (("losses.0", {"losses": [{"name": "caption-ce", "checkpoint": "x"}]}),
+                          ("system", {"system": {"name": "prefix", "checkpoint": "x"}}),
+                          ("data", {"data": {"name": "shapes", "checkpoint": "x"}})):  # fmt: skip
+        assert error_of(section).startswith(f"<dict>: {slot}.checkpoint: unknown option 'checkpoint'")
+    recipe = load_recipe({"encoder": {"name": "siglip", "checkpoint": "tiny"},
+                          "losses": [{"name": "clip-align", "checkpoint": "tiny"}]})  # fmt: skip
+    assert recipe.encoder.options.checkpoint == "tiny" and recipe.losses[0].options.checkpoint == "tiny"
+
+
+# --- a recipe keeps its source (file name, lines, overrides) through load_recipe, compose and bench ---------------
+
+QUICKSTART_FACTOR = ["connector.pool=avg", "connector.factor=16"]  # valid options that no 8x8 token grid divides
+
+
+def test_a_loaded_recipe_is_returned_as_is_and_overrides_keep_its_lines():
+    recipe = load_recipe("quickstart")
+    assert load_recipe(recipe) is recipe
+    assert error_of(recipe, ["train.lr=oops"]).startswith("--set train.lr: train.lr: Input should be a valid number")
+    again = load_recipe(load_recipe("quickstart", ["train.lr=1e-2"]), ["train.steps=5"])
+    assert (again.source, again.train.lr, again.train.steps) == ("quickstart", 0.01, 5)
+    assert [again.location(("train", key)) for key in ("lr", "steps")] == ["--set train.lr", "--set train.steps"]
+    assert again.location(("encoder", "checkpoint")) == "quickstart:5"
+
+
+def test_a_mapping_derived_from_a_recipe_keeps_the_lines_of_the_sections_it_kept():
+    recipe = load_recipe("quickstart", ["generate.max_new_tokens=8"])
+    spec = recipe.to_dict()
+    spec["train"] = {**spec["train"], "steps": 10}
+    derived = load_recipe(spec, origin=recipe)
+    assert derived.source == "quickstart" and derived.train.steps == 10
+    assert derived.location(("decoder", "finetune")) == "quickstart:16"  # kept as in the file
+    assert derived.location(("generate", "max_new_tokens")) == "--set generate.max_new_tokens"
+    assert derived.location(("train", "lr")) == "quickstart"  # a section the caller rewrote: no line, never a wrong one
+    spec["decoder"]["lora"] = {"r": 0}
+    assert error_of(spec) == "<dict>: decoder.lora.r: Input should be greater than or equal to 1; got 0"
+    with pytest.raises(RecipeError, match=r"^quickstart: decoder.lora.r: Input should be greater"):
+        load_recipe(spec, origin=recipe)
+    spec = recipe.to_dict()
+    spec["connector"] = {**spec["connector"], "pool": "avg", "factor": 16}
+    with pytest.raises(CompositionError, match=r"^quickstart: connector 'mlp': pool=avg factor=16"):
+        compose(load_recipe(spec, origin=recipe), weights="none")
+
+
+def test_an_override_replacing_a_section_is_named_for_everything_under_it():
+    message = error_of("quickstart", ["connector={name: mlp, factor: x}"])
+    assert message.startswith("--set connector: connector.factor: Input should be a valid integer")  # not line 9
+
+
+def test_compose_errors_name_the_file_line_or_the_override_not_a_dict():
+    """`prefixcap run quickstart --set connector.pool=avg --set connector.factor=16` said `<dict>: ...`: the run
+    composes the recipe it loaded, and compose reloaded it through to_dict."""
+    with pytest.raises(CompositionError) as e:
+        compose(load_recipe("quickstart", QUICKSTART_FACTOR), weights="none")
+    assert str(e.value).startswith("quickstart:6: connector 'mlp': pool=avg factor=16 needs a square token grid")
+    recipe = load_recipe("quickstart", ["decoder.lora.targets=[q_prj]", "decoder.finetune=lora"])
+    with pytest.raises(CompositionError, match=r"^quickstart:12: decoder 'smollm': LoRA targets \['q_prj'\]"):
+        compose(recipe, connector={"name": "linear"}, weights="none")  # a keyword component keeps the rest's source
+    with pytest.raises(CompositionError, match=r"^quickstart: connector 'mlp': pool=avg factor=3"):
+        compose("quickstart", connector={"name": "mlp", "pool": "avg", "factor": 3}, weights="none")

@@ -55,6 +55,16 @@ def test_unknown_name_suggests_the_closest():
         get_component("decoder", "zzz")
 
 
+def test_only_components_that_load_weights_take_a_checkpoint():
+    takes = {(r.kind, r.name) for r in list_components() if "checkpoint" in r.options.model_fields}
+    assert takes == {("encoder", "siglip"), ("encoder", "clip"), ("encoder", "vit"), ("decoder", "causal-lm"),
+                     ("decoder", "smollm"), ("decoder", "qwen2"), ("decoder", "phi"),
+                     ("loss", "clip-align")}  # fmt: skip
+    assert all(issubclass(get_component(kind, name).options, prefixcap.CheckpointOptions) for kind, name in takes)
+    with pytest.raises(PluginError, match="checkpoint"):
+        prefixcap.create("connector", "mlp", {"checkpoint": "tiny"}, in_dim=4, out_dim=6, in_tokens=9)
+
+
 def test_create_validates_options_with_the_components_model():
     connector = prefixcap.create("connector", "mlp", {"hidden": 8}, in_dim=4, out_dim=6, in_tokens=9)
     assert connector(torch.zeros(2, 9, 4)).shape == (2, 9, 6)

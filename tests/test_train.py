@@ -18,7 +18,7 @@ from prefixcap.data.shapes import ShapesSource
 from prefixcap.interfaces import DatasetSource, Example
 from prefixcap.metrics.clipscore import ClipScorer
 from prefixcap.data.loader import cache_features, index_split
-from prefixcap.train import RunError, run
+from prefixcap.training import RunError, run
 
 SMALL = [
     "data.name=shapes", "data.train_size=64", "data.val_size=8", "data.test_size=8",
@@ -202,7 +202,7 @@ def test_real_size_recipes_train_with_tiny_local_checkpoints_swapped_in(recipe, 
 def test_runs_with_different_precisions_share_one_process(tmp_path):
     """Each run computes in the precision its recipe asks for, even after a run with another one in the same process
     (accelerate's process-wide setting must not pin the first run's choice on every later run)."""
-    from prefixcap.train import start
+    from prefixcap.training import start
 
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         args = [*SMALL, f"train.precision={precision}", "train.grad_accum=2", "train.steps=2"]

@@ -28,7 +28,7 @@ from prefixcap.caption import tidy_alt_text
 from prefixcap.cli import cli
 from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
-from prefixcap.image_io import open_image
+from prefixcap.images import open_image
 from prefixcap.onnx_captioner import ExportError, OnnxCaptioner
 from prefixcap.web_demo import ORT_DIR, ORT_FILES, decode_like_python, probe_ids, token_table
 

@@ -1,7 +1,7 @@
 """The frozen encoder's features: computed once per (encoder weights, preprocessing, images), kept in shards on disk,
 read back a row at a time.
 
-    $PREFIXCAP_CACHE/features/<key>/shard-00000.safetensors   "features" (R, T, D), "ok" (R,): 0 = unreadable image
+    $PREFIXCAP_CACHE/features/<key>/shard-00000.safetensors   "features" (R, N, D), "ok" (R,): 0 = unreadable image
                                    /shard-00001.safetensors   ...
                                    /done.json                 written last: the cache is complete
     $PREFIXCAP_CACHE/features/<key>.lock                       held by the one process building it
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from prefixcap.data.rows import prefixcap_cache
 from prefixcap.errors import PrefixcapError
+from prefixcap.files import write_atomic
 from prefixcap.interfaces import Encoder, Rows
-from prefixcap.persist import write_atomic
 
 FORMAT = "features-1"  # in every key: a new layout never reads an old one
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -139,7 +139,7 @@ def _open_shard(path: Path, shape: tuple[int, int], dtype: torch.dtype, rows: in
 
 
 class FeatureCache:
-    """A complete cache: ``read(rows)`` gives the features of those rows of the split as float32 (B, T, D)."""
+    """A complete cache: ``read(rows)`` gives the features of those rows of the split as float32 (B, N, D)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -213,7 +213,7 @@ class BuildReport:
     nbytes: int
 
 
-Encode = Callable[[Tensor], Tensor]  # (B, 3, S, S) pixels -> (B, T, D) features
+Encode = Callable[[Tensor], Tensor]  # (B, 3, S, S) pixels -> (B, N, D) features
 
 
 def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, encode: Encode,

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -311,11 +312,24 @@ def cache_features(system: System, split: CaptionSet, *, dtype: str = "fp16", ba
         return None
     split.use_features(cache)
     if report is not None:
-        rate = round(built.encoded / built.seconds, 1) if built.encoded else None
-        report({"feature_cache": {"dir": str(cache.directory), "rows": built.rows, "encoded": built.encoded,
-                                  "seconds": round(built.seconds, 2), "mb": round(built.nbytes / 2**20, 1),
-                                  "dtype": dtype, "images_per_s": rate}})  # fmt: skip
+        report(FeatureCacheReady(cache.directory, built.rows, built.encoded, built.seconds, built.nbytes, dtype))
     return built
+
+
+@dataclass(frozen=True)
+class FeatureCacheReady:
+    """Reported once a split reads cached features: how big the cache is, and how fast it was built (if it was)."""
+
+    directory: Path
+    rows: int
+    encoded: int  # 0: the cache was complete already
+    seconds: float
+    nbytes: int
+    dtype: str
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.encoded / self.seconds if self.encoded and self.seconds else None
 
 
 def fingerprint_update(h: Any, rows: Sequence[int], captions: Sequence[str]) -> None:

@@ -17,13 +17,39 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from prefixcap.interfaces import Example, Rows
+
+@dataclass
+class Example:
+    image: Any  # PIL image, path, or array
+    captions: list[str]  # one or more references
+
+
+class Rows(ABC):
+    """One split with random access, read one example at a time by the trainer's DataLoader workers, so that no
+    split is ever held in memory. Captions are read without decoding the image (the trainer indexes a split by
+    them); ``identity`` keys the feature cache, so it must change whenever any image may have changed."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def captions(self, index: int) -> list[str]: ...
+
+    @abstractmethod
+    def image(self, index: int) -> Any:
+        """A PIL image, a path, encoded bytes or an array; an unreadable one raises (ImageError or anything)."""
+
+    @abstractmethod
+    def identity(self) -> str: ...
+
 
 # Changing how a split is indexed or fingerprinted changes this, so nothing written by an older layout is reused.
 FORMAT = "rows-1"

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefixcap.hookspecs import hookimpl
-from prefixcap.registry import ComponentOptions
+from prefixcap.registry import CheckpointOptions
 
 
 class LoraOptions(BaseModel):
@@ -35,7 +35,7 @@ class TinySizes(BaseModel):
         return self
 
 
-class CausalLMOptions(ComponentOptions):
+class CausalLMOptions(CheckpointOptions):
     checkpoint: str  # any AutoModelForCausalLM hub id or local directory, or "tiny"
     tiny: TinySizes = Field(TinySizes(), description="sizes of the random model that `checkpoint: tiny` builds")
     # lora: frozen base + LoRA adapters (default); full: train every weight; frozen: train nothing here.

@@ -16,11 +16,10 @@ from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoding import greedy
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
-from prefixcap.encoders import refuse_pickle_weights
-from prefixcap.errors import CompositionError, summary
+from prefixcap.errors import CompositionError, SavedSystemError, summary
 from prefixcap.interfaces import Decoder
-from prefixcap.persist import CheckpointError
-from prefixcap.recipe import GenerateConfig
+from prefixcap.weights import refuse_pickle_weights
+from prefixcap.config import GenerateConfig
 
 # Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
 # (the prefix enters through attention); peft's own defaults adapt q and v only.
@@ -196,16 +195,16 @@ class CausalLMDecoder(Decoder):
             return super().load_trained(directory)
         adapter = directory / "adapter_model.safetensors"
         if not adapter.exists():
-            raise CheckpointError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")
+            raise SavedSystemError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")
         from peft import set_peft_model_state_dict
 
         try:
             state = load_file(str(adapter))
         except Exception as e:  # safetensors raises its own error types for truncated, corrupt or foreign files
-            raise CheckpointError(f"{adapter}: unreadable safetensors file: {summary(e)}") from e
+            raise SavedSystemError(f"{adapter}: unreadable safetensors file: {summary(e)}") from e
         result = set_peft_model_state_dict(self.model, state)
         if result.unexpected_keys:
-            raise CheckpointError(f"{adapter}: tensors {result.unexpected_keys[:5]} do not fit this decoder")
+            raise SavedSystemError(f"{adapter}: tensors {result.unexpected_keys[:5]} do not fit this decoder")
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, num_logits: int | None = None,
                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip

@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from prefixcap.checkpoints import TINY
-from prefixcap.encoders import ClipOptions, refuse_pickle_weights
+from prefixcap.encoders import ClipOptions
 from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
+from prefixcap.weights import refuse_pickle_weights
 
 HF_HUB = "hf-hub:"
 # Same classes as ViT-B-32, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64. The text tower keeps

@@ -9,9 +9,10 @@ from torch import Tensor
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from prefixcap.checkpoints import TINY, fetch, load_config, resolve
-from prefixcap.encoders import SiglipOptions, refuse_pickle_weights
+from prefixcap.encoders import SiglipOptions
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
+from prefixcap.weights import refuse_pickle_weights
 
 # Same class as siglip-base, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64.
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,

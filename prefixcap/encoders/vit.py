@@ -11,10 +11,11 @@ from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from prefixcap.checkpoints import TINY
-from prefixcap.encoders import VitOptions, refuse_pickle_weights
+from prefixcap.encoders import VitOptions
 from prefixcap.errors import CompositionError, summary
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Encoder
+from prefixcap.weights import refuse_pickle_weights
 
 HF_HUB = "hf-hub:"
 # Same class as the named model, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64.

@@ -3,7 +3,7 @@
 from pydantic import Field
 
 from prefixcap.hookspecs import hookimpl
-from prefixcap.registry import ComponentOptions
+from prefixcap.registry import CheckpointOptions, ComponentOptions
 
 
 class LossOptions(ComponentOptions):
@@ -14,7 +14,7 @@ class CaptionLossOptions(LossOptions):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-class ClipAlignOptions(LossOptions):
+class ClipAlignOptions(LossOptions, CheckpointOptions):
     # An auxiliary loss: a small weight keeps it from pulling against the caption cross-entropy.
     weight: float = Field(0.1, ge=0)
     model: str = Field("ViT-B-32", description="open_clip architecture of the text tower")

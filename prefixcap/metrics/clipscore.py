@@ -32,6 +32,15 @@ W = 2.5
 Encode = Callable[[list[Any]], Tensor]  # one batch of images or texts -> (B, D) unnormalised embeddings
 
 
+def choose_clip_model(setting: str | None, data_default: str | None) -> str | None:
+    """The CLIPScore model that eval.clip_model ``setting`` names: "auto" picks the data's own scorer
+    (``data_default``, a DatasetSource's clip_model, e.g. prefixcap/shapes-clip), else the paper's CLIP ViT-B/32;
+    None (no CLIPScore) stays None; any other name is taken as given."""
+    if setting == "auto":
+        return data_default or DEFAULT_CHECKPOINT
+    return setting
+
+
 def clip_s(image_emb: Tensor, caption_emb: Tensor, w: float = W) -> Tensor:
     """CLIP-S of each row pair of (N, D) embeddings, unnormalised on input: (N,)."""
     cos = (_unit(image_emb) * _unit(caption_emb)).sum(-1)

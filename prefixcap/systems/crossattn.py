@@ -27,7 +27,7 @@ from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer,
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput
-from prefixcap.recipe import GenerateConfig
+from prefixcap.config import GenerateConfig
 from prefixcap.systems import CrossAttnOptions
 
 # `tiny`: the default checkpoints' classes, scaled down. ViT: 32x32 images, 8x8 patches -> 16 patches + the class

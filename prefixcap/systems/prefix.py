@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from prefixcap.errors import CompositionError
 from prefixcap.interfaces import Batch, Connector, Decoder, Encoder, Loss, System, SystemOutput
-from prefixcap.recipe import GenerateConfig
+from prefixcap.config import GenerateConfig
 from prefixcap.systems import PrefixOptions
 
 

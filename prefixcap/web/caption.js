@@ -156,7 +156,7 @@ export class Captioner {
 }
 
 // The file's pixels as RGBA bytes, upright as its EXIF orientation says, transparency composited over white, colours
-// as stored (prefixcap/image_io.py: open_image and to_rgb).
+// as stored (prefixcap/images.py: open_image and to_rgb).
 export async function readImage(file) {
   const bitmap = await createImageBitmap(file, {
     colorSpaceConversion: 'none', premultiplyAlpha: 'none', imageOrientation: 'from-image',

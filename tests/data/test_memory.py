@@ -17,7 +17,7 @@ from conftest import REPO, report_in_summary
 
 RUN = """
     import json, resource, sys
-    from prefixcap.train import run
+    from prefixcap.training import run
 
     size, out = int(sys.argv[1]), sys.argv[2]
     recipe = {

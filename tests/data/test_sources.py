@@ -7,7 +7,7 @@ from PIL import Image
 
 import prefixcap
 from prefixcap.data.sources import DatasetError
-from prefixcap.train import run
+from prefixcap.training import run
 
 
 def write_split(directory, name, rows):

@@ -23,7 +23,8 @@ from transformers import (
 
 from prefixcap.encoders.clip import ClipEncoder
 from prefixcap.errors import CompositionError
-from prefixcap.metrics.clipscore import DEFAULT_CHECKPOINT, PROMPT, ClipScorer, clip_s, ref_clip_s
+from prefixcap.metrics.clipscore import (DEFAULT_CHECKPOINT, PROMPT, ClipScorer, choose_clip_model, clip_s,
+                                         ref_clip_s)
 
 # RGBA and greyscale on purpose: the scorer converts to RGB, as Hessel's preprocessing does.
 IMAGES = [Image.new("RGB", (40, 50), "red"), Image.new("RGBA", (64, 32), (0, 0, 255, 255)), Image.new("L", (32, 32))]
@@ -40,6 +41,13 @@ def t(*rows: tuple[float, ...]) -> torch.Tensor:
 
 
 # --- the formulas ---------------------------------------------------------------------------------------------------
+
+
+def test_choose_clip_model():
+    assert choose_clip_model("auto", "prefixcap/shapes-clip") == "prefixcap/shapes-clip"
+    assert choose_clip_model("auto", None) == DEFAULT_CHECKPOINT
+    assert choose_clip_model(None, "prefixcap/shapes-clip") is None
+    assert choose_clip_model("some/clip", "prefixcap/shapes-clip") == "some/clip"
 
 
 def test_clip_s_by_hand():

@@ -37,7 +37,8 @@ from pydantic import BaseModel
 
 from prefixcap import PrefixcapError, RecipeError, load_recipe
 from prefixcap.cli import cli
-from prefixcap.recipe import SLOTS, EvalConfig, GenerateConfig, OutputConfig, Recipe, TrainConfig
+from prefixcap.config import EvalConfig, GenerateConfig, OutputConfig, TrainConfig
+from prefixcap.recipe import SLOTS, Recipe
 from prefixcap.registry import get_component, list_components
 
 from conftest import report_in_summary, update_json

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import prefixcap
-from prefixcap.train import RunError, latest_checkpoint, run
-from prefixcap.train import start as start_run
+from prefixcap.training import RunError, latest_checkpoint, run
+from prefixcap.training import start as start_run
 
 from conftest import REPO
 
@@ -205,7 +205,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
     script = f"""
         import os
         from pathlib import Path
-        from prefixcap.train import RunError, latest_checkpoint, run
+        from prefixcap.training import RunError, latest_checkpoint, run
 
         overrides = {[*SMALL, "train.steps=8"]!r}
         run("quickstart", overrides, run_dir={str(run_dir)!r}, stop_after=3, report=lambda row: None)

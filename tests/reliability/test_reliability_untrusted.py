@@ -38,7 +38,7 @@ from prefixcap.encoders import ClipOptions, VitOptions
 from prefixcap.encoders.clip import ClipEncoder
 from prefixcap.encoders.siglip import SiglipEncoder
 from prefixcap.encoders.vit import VitEncoder
-from prefixcap.persist import CheckpointError
+from prefixcap.errors import SavedSystemError
 
 from conftest import update_json
 
@@ -399,7 +399,7 @@ def test_a_saved_system_whose_file_is_a_pickle_is_refused(payload, saved_system,
         plant(payload, path / Path(replaced).parent, Path(replaced).name)
     expected = "unreadable manifest" if replaced == "manifest.json" else "unreadable safetensors file"
     error = assert_refused(payload, lambda: prefixcap.load(path), f"{path / replaced}: {expected}")
-    assert isinstance(error, CheckpointError)
+    assert isinstance(error, SavedSystemError)
 
 
 # --- c. code shipped with a checkpoint ----------------------------------------------------------------------------
@@ -505,7 +505,7 @@ def test_a_saved_system_cannot_switch_remote_code_on_by_itself(tmp_path):
         system = prefixcap.compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": "linear",
                                     "decoder": {"name": "smollm", "checkpoint": "tiny", "trust_remote_code": True}})
     path = system.save(tmp_path / "system")
-    with pytest.raises(CheckpointError, match=r"sets trust_remote_code \(decoder.trust_remote_code\).*trust_remote_code=True"):
+    with pytest.raises(SavedSystemError, match=r"sets trust_remote_code \(decoder.trust_remote_code\).*trust_remote_code=True"):
         prefixcap.load(path)
     with pytest.warns(UserWarning, match="trust_remote_code is on"):
         loaded = prefixcap.load(path, trust_remote_code=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from prefixcap import create
-from prefixcap.recipe import GenerateConfig
+from prefixcap.config import GenerateConfig
 from prefixcap.testing import ComponentConformance
 
 

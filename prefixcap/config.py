@@ -1,0 +1,73 @@
+"""The recipe's plain sections (train, eval, generate, output): importable by components (a system's generate
+takes a GenerateConfig) without importing the recipe machinery, the registry or YAML."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    # inf and nan are never a sensible rate, size or budget (`lr: .inf` would train to NaN)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="examples per micro-batch (a step takes grad_accum "
+                            "of them) over all processes together: a data-parallel run (torchrun, accelerate launch) "
+                            "splits each evenly over its processes, so it must be divisible by their number")  # fmt: skip
+    steps: int = Field(1000, ge=1, le=100_000_000)
+    # A wall-clock budget besides steps: training stops once this many seconds were spent in training steps
+    # (evaluation and checkpoints not counted). The LR schedule still spans train.steps.
+    max_seconds: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_caption_tokens: int = Field(32, ge=1, le=4096)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
+    cache_features: bool = True
+    cache_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="how cached features are stored: fp16 "
+                                                         "halves the disk of fp32 (docs/data.md)")  # fmt: skip
+    num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto", description="DataLoader processes decoding images (0: in the training process); auto: all cores "
+        "but one, at most 8, while images are decoded, none while cached features are read")  # fmt: skip
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(32, ge=1)
+    every_steps: int | None = Field(None, ge=1)  # None: only at the end
+    max_examples: int | None = Field(None, ge=1)
+    metric: str = "loss"  # the validation metric that picks the best step and drives early stopping
+    higher_is_better: bool = False
+    patience: int | None = Field(None, ge=0)  # evaluations without improvement before stopping; None: never
+    # CLIPScore's model: "auto" takes the data's own scorer (shapes: the bundled prefixcap/shapes-clip) or else the
+    # paper's CLIP ViT-B/32; any transformers CLIP/SigLIP id or directory, or open_clip:<model>/<tag>; null: none.
+    clip_model: str | None = "auto"
+
+
+class GenerateConfig(Section):
+    """Greedy by default: alt text should be the model's best guess, not a random draw (distilvit2 sampled)."""
+
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    num_beams: int = Field(1, ge=1, le=64)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    # Greedy search through prefixcap.decoding's loop instead of transformers' generate: the same ids, without
+    # generate's per-step machinery (prefix systems; beams and sampling always go through generate).
+    fast: bool = True
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{recipe}"
+    save_every_steps: int | None = Field(None, ge=1)  # None: at the end only
+    keep_last: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    tensorboard: bool | None = None  # scalars in <run dir>/tensorboard/; None: when tensorboard is installed

@@ -1,0 +1,76 @@
+"""Writes that are all or nothing: a file or directory is written beside its final name, flushed to disk, then
+renamed over it.
+
+A run can die at any instruction (SIGKILL, the OOM killer, a full disk, a power cut). Whatever it was writing, a
+reader then finds the old version or the new one, never half of either: ``write_atomic`` for one file,
+``publish_dir`` for a directory built in a ``temporary_sibling``. Leftover temporaries start with "." and end in
+".tmp-<pid>" or ".old-<pid>", so a later run can ``sweep_temporaries``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    tmp = path.parent / f".{path.name}.{kind}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` survive a power cut (the file's own fsync does not cover its name)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are journalled by NTFS
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, directory: Path) -> Path:
+    """Flush the complete directory ``tmp`` to disk and put it where ``directory`` was (replacing it)."""
+    _fsync_tree(tmp)
+    old = temporary_sibling(directory, "old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sweep_temporaries(directory: Path) -> list[Path]:
+    """Remove what writes interrupted in ``directory`` (and one level down) left behind; returns what it removed."""
+    found = [p for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*", "*/.*.old-*") for p in directory.glob(pattern)]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found

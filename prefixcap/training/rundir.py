@@ -1,0 +1,99 @@
+"""The run directory: where it is, that it is writable, that one run at a time writes it, what it holds.
+
+    runs/<recipe>/
+      .lock                  held (flock) by the run writing here; holds its pid
+      recipe.resolved.yaml   every option spelled out
+      log.jsonl              one line per logged step and per evaluation
+      checkpoints/step-N/    system/ (as System.save), optimizer.safetensors, rng.safetensors, trainer_state.json
+      final/                 the trained system (prefixcap.load); metrics.json, samples.jsonl, curves.png beside it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+from prefixcap.errors import summary
+from prefixcap.files import write_atomic
+from prefixcap.recipe import Recipe
+from prefixcap.training.errors import RunError
+
+
+def recipe_name(recipe: Recipe) -> str:
+    return Path(recipe.source).stem if recipe.source != "<dict>" else "run"
+
+
+def resolve_run_dir(recipe: Recipe, given: str | Path | None) -> Path:
+    """Where the run writes: ``given`` (--out), else the recipe's output.dir. A recipe file may come from anyone, so
+    its own output.dir must stay under the working directory; a place outside it is the user's to choose, with --out
+    or --set output.dir=..."""
+    if given is not None:
+        return Path(given)
+    raw = recipe.output.dir
+    try:
+        path = Path(raw.format(recipe=recipe_name(recipe)))
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r}: the only placeholder is "
+                       f"{{recipe}} ({summary(e)})") from None  # fmt: skip
+    from_file = recipe.source != "<dict>" and ("output", "dir") not in recipe._overridden
+    if from_file and (path.is_absolute() or ".." in path.parts):
+        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r} leaves the working directory; a "
+                       "recipe writes only below it unless you choose the place: --out DIR or --set output.dir=DIR")
+    return path
+
+
+def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    if fresh and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "recipe.resolved.yaml").exists():
+        raise RunError(f"--fresh would delete {run_dir}, which is not a prefixcap run directory (no "
+                       "recipe.resolved.yaml): remove it yourself or choose another --out")  # fmt: skip
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:  # found now, not after an hour of training
+        raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def lock_run_dir(run_dir: Path) -> IO[str] | None:
+    """Hold run_dir/.lock for the life of the returned file: a second run on the same directory would interleave
+    checkpoints and logs with this one, so it is refused. The lock dies with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one run per directory is then the user's to keep
+        return None
+    try:
+        lock = open(run_dir / ".lock", "a+")
+    except OSError as e:  # a read-only directory that holds an earlier run
+        raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise RunError(f"run directory {run_dir} is in use by another prefixcap run (pid {holder}): wait for it to "
+                       "end, or choose another --out") from None  # fmt: skip
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def os_reason(error: BaseException) -> str:
+    """Why a write failed, in a few words (safetensors wraps the OSError's text in its own message)."""
+    return (error.strerror if isinstance(error, OSError) and error.strerror else None) or summary(error)

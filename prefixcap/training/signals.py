@@ -1,0 +1,35 @@
+"""SIGINT and SIGTERM end a run after the current step and a checkpoint, instead of wherever they land."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def signals_end_the_step(received: list[int]) -> Iterator[None]:
+    """While the block runs, SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's pre-emption notice) are recorded in
+    ``received[0]`` for the training loop to act on after its step. The first one restores the previous handlers, so
+    a second signal stops a run that is stuck the usual way."""
+    received[0] = 0
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals (a run started from a worker thread keeps the defaults)
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def handler(signum, frame) -> None:
+        received[0] = signum
+        restore()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        restore()
