@@ -11,8 +11,11 @@ from prefixcap.data.shapes import ShapesSource, parse_caption
 
 from conftest import QUICKSTART_SHORT
 
-QUICKSTART_ACCURACY = 0.85  # exact scenes, held out, after 300 steps
-CROSSATTN_ACCURACY = 0.65  # the baseline learns more slowly on this world (README: 85.5% after 2,000 steps)
+# Exact scenes, held out, after 300 steps. 0.85 until the shapes encoder was retrained on the world's own pretrain
+# stream (the first one had seen 386 pictures of seed 0's training split): measured 91.5% then, 83.5% now, and
+# still 100% after the quickstart's 2,000 steps. The bound keeps about the margin it had (6.5 points).
+QUICKSTART_ACCURACY = 0.78
+CROSSATTN_ACCURACY = 0.65  # the baseline learns more slowly on this world (README: 92.5% after 2,000 steps)
 CONTROL_ACCURACY = 0.05  # chance of stating a scene exactly without looking is far below this
 CONTROL_LOSS_RATIO = 3.0  # the control's held-out loss is at least this many times the real run's
 
@@ -62,10 +65,13 @@ def assert_learned(result, accuracy: float) -> None:
     assert curve[-1] <= curve[0] / 2, f"training loss went from {curve[0]:.3f} to {curve[-1]:.3f}"
     assert result.metrics["test_loss"] <= curve[0] / 2
     found = exact_scenes(result.run_dir)
+    print(f"{result.run_dir}: {found:.1%} of held-out scenes stated exactly")  # the figure the docs quote (-rP)
     assert found >= accuracy, f"{found:.1%} of held-out scenes stated exactly, expected at least {accuracy:.0%}"
 
 
 def assert_learned_no_scene(control, real) -> None:
     found = exact_scenes(control.run_dir)
+    ratio = control.metrics["test_loss"] / real.metrics["test_loss"]
+    print(f"{control.run_dir}: {found:.1%} of held-out scenes stated exactly; held-out loss {ratio:.1f}x the real run's")
     assert found <= CONTROL_ACCURACY, f"trained on shuffled pairs, it still states {found:.1%} of scenes"
     assert control.metrics["test_loss"] >= CONTROL_LOSS_RATIO * real.metrics["test_loss"]

@@ -43,7 +43,9 @@ RECIPES = {
                   "losses": [{"name": "caption-ce"}], "generate": GENERATE},
 }  # fmt: skip
 LOGITS_ATOL = 1e-4  # measured: at most 4e-7 (prefix) and 2.4e-6 (crossattn, logits up to 8)
-INT8_AGREEMENT = {"prefix": 31 / 32, "crossattn": 1.0}  # share of int8 captions equal to fp32's (README)
+# Share of int8 captions equal to fp32's (README). 31/32 and 32/32 on the shapes images drawn before the world's
+# streams were split five ways (other pictures now): measured 30/32 for both since.
+INT8_AGREEMENT = {"prefix": 30 / 32, "crossattn": 30 / 32}
 PIXELS_ATOL = 1e-4  # normalised pixels of resized images, PIL float BICUBIC vs torch's; measured: at most 2.4e-5
 
 
@@ -181,9 +183,9 @@ def test_int8_captions_agree_with_fp32_on_most_images(exported):
     int8 = OnnxCaptioner(directory, int8=True).caption(IMAGES)
     rate = np.mean([a == b for a, b in zip(fp32, int8)])
     print(f"{system.recipe.system.name}: int8 captions identical to fp32 on {rate:.0%} of {len(fp32)} images")
-    # The README's figures, measured on these 32 images: prefix 97% (one caption differs, two words nearly tied),
-    # crossattn 100%. Dynamic int8 rounds differently from fp32, so one near-tie more on another CPU would fail here:
-    # then measure again and correct the README with the test.
+    # The README's figures, measured on these 32 images: 94% for both (two captions differ, near ties). Dynamic int8
+    # rounds differently from fp32, so one near-tie more on another CPU would fail here: then measure again and
+    # correct the README with the test.
     assert len(fp32) == 32 and rate >= INT8_AGREEMENT[system.recipe.system.name]
 
 
