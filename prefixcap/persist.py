@@ -80,9 +80,11 @@ def save_system(system: Any, directory: Path) -> Path:
 
 
 def _remote_code_settings(recipe: Any, path: str = "") -> list[str]:
-    """Where a recipe (as saved in a manifest) sets trust_remote_code true, as dotted paths."""
+    """Where a recipe (as saved in a manifest) sets trust_remote_code to anything but false, as dotted paths. Not only
+    JSON true: "yes", "true" or 1 would reach a lax loader as True, so any value but false (or none) counts as on."""
     if isinstance(recipe, dict):
-        found = [path + "trust_remote_code"] if recipe.get("trust_remote_code") is True else []
+        value = recipe.get("trust_remote_code", False)
+        found = [path + "trust_remote_code"] if value is not False and value is not None else []
         return found + [p for k, v in recipe.items() for p in _remote_code_settings(v, f"{path}{k}.")]
     if isinstance(recipe, list):
         return [p for i, v in enumerate(recipe) for p in _remote_code_settings(v, f"{path}{i}.")]

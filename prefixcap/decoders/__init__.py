@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import CheckpointOptions
@@ -46,7 +46,9 @@ class CausalLMOptions(CheckpointOptions):
     # comes next. Never a training target.
     prompt: str = ""
     add_bos: bool = False
-    trust_remote_code: bool = False
+    # A security switch: on only for a real boolean true. pydantic's lax bool would read "yes", "true" or 1 as True,
+    # and a recipe or a saved system's manifest is anyone's file.
+    trust_remote_code: StrictBool = False
 
 
 class SmolLMOptions(CausalLMOptions):

@@ -13,7 +13,8 @@ from prefixcap.recipe import load_recipe
 from prefixcap.training.distributed import on_cpu
 from prefixcap.training.errors import RunError
 from prefixcap.training.events import Resumed, Started
-from prefixcap.training.rundir import latest_checkpoint, lock_run_dir, prepare_run_dir, resolve_run_dir
+from prefixcap.training.rundir import (latest_checkpoint, lock_run_dir, prepare_run_dir, refuse_foreign_files,
+                                       resolve_run_dir)
 from prefixcap.training.trainer import Report, Run
 
 
@@ -38,8 +39,10 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
     run_dir = resolve_run_dir(recipe, run_dir)
     lock = None
     if state.is_main_process:
-        if not fresh and run_dir.is_dir():
-            lock = lock_run_dir(run_dir)  # before --fresh deletes anything a live run is using
+        if fresh:
+            refuse_foreign_files(run_dir)
+        if run_dir.is_dir():
+            lock = lock_run_dir(run_dir)  # before --fresh deletes anything: a live run's directory is refused
         prepare_run_dir(run_dir, fresh)
         lock = lock or lock_run_dir(run_dir)
         sweep_temporaries(run_dir)  # what a killed run was writing (checkpoints/ too); with the lock, nobody else is

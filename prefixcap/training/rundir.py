@@ -45,12 +45,43 @@ def resolve_run_dir(recipe: Recipe, given: str | Path | None) -> Path:
     return path
 
 
+# What a run writes at the top of its directory; --fresh removes these and nothing else.
+RUN_FILES = {".lock", "recipe.resolved.yaml", "log.jsonl", "checkpoints", "final", "metrics.json", "samples.jsonl",
+             "curves.png", "tensorboard"}  # fmt: skip
+
+
+def _written_by_a_run(name: str) -> bool:
+    # besides RUN_FILES: a killed run's temporaries (files.temporary_sibling) and the writability probe
+    return name in RUN_FILES or (name.startswith(".") and (".tmp-" in name or ".old-" in name)) or \
+        name.startswith(".write-test-")
+
+
+def refuse_foreign_files(run_dir: Path) -> None:
+    """--fresh is refused on a directory holding anything a run does not write (checked before the lock is taken, so
+    a refused directory is left exactly as it was)."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _written_by_a_run(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunError(f"--fresh would delete a run's files in {run_dir}, which also holds files no run wrote "
+                       f"({shown}): nothing was deleted; choose an empty directory with --out, or remove what you "
+                       "do not need yourself")  # fmt: skip
+
+
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
-    if fresh and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "recipe.resolved.yaml").exists():
-        raise RunError(f"--fresh would delete {run_dir}, which is not a prefixcap run directory (no "
-                       "recipe.resolved.yaml): remove it yourself or choose another --out")  # fmt: skip
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    """Make ``run_dir`` ready to write. ``fresh`` removes what an earlier run wrote there, entry by entry, never the
+    directory itself: output.dir may be "." or a source folder (a recipe is anyone's file), so a directory that holds
+    anything a run does not write is refused instead, listing what it would have lost."""
+    if fresh and run_dir.is_dir():
+        refuse_foreign_files(run_dir)
+        for entry in run_dir.iterdir():
+            if entry.name == ".lock":
+                continue  # held by this process (start() took it first), so a live run elsewhere is never raced
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"

@@ -283,3 +283,42 @@ def test_a_recipe_file_cannot_write_outside_the_working_directory(tmp_path, monk
     inside = run(str(recipe), [*SMALL, "train.steps=1"], run_dir=work / "runs" / "x", report=lambda row: None)
     assert (inside.run_dir / "metrics.json").exists()
 
+
+
+def test_fresh_deletes_only_what_a_run_wrote(tmp_path, monkeypatch):
+    """A stranger's recipe with output.dir "." (or src, .git): its first run writes recipe.resolved.yaml there, which
+    the old guard took for proof that the whole directory was a run's; --fresh then deleted every file in it."""
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "main.py").write_text("print('years of work')")
+    (work / ".git").mkdir()
+    (work / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    monkeypatch.chdir(work)
+    recipe = work / "dot.yaml"
+    recipe.write_text((REPO / "recipes" / "quickstart.yaml").read_text() + "output:\n  dir: .\n")
+    first = run(str(recipe), [*SMALL, "train.steps=2"], stop_after=1, report=lambda event: None)
+    assert first.run_dir == Path(".") and (work / "recipe.resolved.yaml").exists()
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match=r"--fresh would delete .*holds files no run wrote \(\.git, dot\.yaml, src\)"):
+        run(str(recipe), [*SMALL, "train.steps=2"], fresh=True, report=lambda event: None)
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before  # nothing lost, not even the run's
+    # a directory holding only what runs write starts over, and keeps the directory itself
+    runs = work / "runs" / "only"
+    done = run(str(recipe), [*SMALL, "train.steps=1"], run_dir=runs, report=lambda event: None)
+    assert (runs / "final").is_dir() and done.steps == 1
+    again = run(str(recipe), [*SMALL, "train.steps=1"], run_dir=runs, fresh=True, report=lambda event: None)
+    assert again.steps == 1 and len(again.history) == 1 and (runs / "metrics.json").exists()
+
+
+def test_fresh_waits_for_the_live_run_it_would_delete(tmp_path, monkeypatch):
+    """The lock used to be taken only without --fresh: the live run's directory was deleted under it, and the new
+    run resumed from a checkpoint the old one went on writing into it."""
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    with start_run("quickstart", SMALL, run_dir=run_dir, report=lambda event: None) as live:
+        live.fit(stop_after=1, report=lambda event: None)
+        files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        with pytest.raises(RunError, match=f"run directory {run_dir} is in use by another prefixcap run"):
+            run("quickstart", SMALL, run_dir=run_dir, fresh=True, report=lambda event: None)
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files

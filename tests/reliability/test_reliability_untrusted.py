@@ -529,3 +529,20 @@ def test_the_crossattn_baseline_refuses_pickle_only_checkpoints(payload, tmp_pat
     for encoder, decoder in ((str(vit), "tiny"), ("tiny", str(gpt2))):
         assert_refused(payload, lambda: prefixcap.compose({"system": {"name": "crossattn", "encoder": encoder,
                                                                       "decoder": decoder}}))  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, "false"])
+def test_trust_remote_code_is_on_only_for_a_real_true(tmp_path, value):
+    """pydantic's lax bool reads "yes", "true" and 1 as True: a manifest or recipe saying so must not switch code
+    execution on. A saved system with any value but false is refused (even "false": not a boolean, not trusted),
+    and a recipe must give a boolean."""
+    system = prefixcap.compose({"encoder": {"name": "siglip", "checkpoint": "tiny"}, "connector": "linear",
+                                "decoder": {"name": "smollm", "checkpoint": "tiny"}})  # fmt: skip
+    path = system.save(tmp_path / "system")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["recipe"]["decoder"]["trust_remote_code"] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SavedSystemError, match=r"sets trust_remote_code \(decoder.trust_remote_code\)"):
+        prefixcap.load(path)
+    with pytest.raises(prefixcap.RecipeError, match="decoder.trust_remote_code: Input should be a valid boolean"):
+        prefixcap.load_recipe({"decoder": {"name": "smollm", "checkpoint": "tiny", "trust_remote_code": value}})
