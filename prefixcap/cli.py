@@ -154,7 +154,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
     """Train RECIPE and evaluate it; an interrupted run resumes from its last checkpoint when run again."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from prefixcap.data.loader import FeatureCacheReady
+    from prefixcap.data.cache import BuildReport
     from prefixcap.training import Evaluated, Resumed, Started, Stepped, Stopped
     from prefixcap.training import run as run_recipe
 
@@ -180,7 +180,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
                     progress.update(task, completed=event.step, description=line)
                 else:
                     out.print(f"step {event.step:>6}  {line}", highlight=False)
-            case FeatureCacheReady():
+            case BuildReport():
                 built = (f"encoded {event.encoded} images in {event.seconds:.1f} s ({event.images_per_s:.0f} "
                          "images/s)" if event.encoded else "complete, reused")  # fmt: skip
                 say(f"feature cache {event.directory}: {event.rows} images, {event.nbytes / 2**20:.1f} MiB "

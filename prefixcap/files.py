@@ -9,6 +9,7 @@ reader then finds the old version or the new one, never half of either: ``write_
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 from pathlib import Path
@@ -65,9 +66,17 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+TEMPORARIES = (".*.tmp-*", ".*.old-*")  # what temporary_sibling names: a write in progress, or a copy being replaced
+
+
+def is_temporary(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARIES)
+
+
 def sweep_temporaries(directory: Path) -> list[Path]:
     """Remove what writes interrupted in ``directory`` (and one level down) left behind; returns what it removed."""
-    found = [p for pattern in (".*.tmp-*", ".*.old-*", "*/.*.tmp-*", "*/.*.old-*") for p in directory.glob(pattern)]
+    patterns = [*TEMPORARIES, *(f"*/{pattern}" for pattern in TEMPORARIES)]
+    found = [p for pattern in patterns for p in directory.glob(pattern)]
     for path in found:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

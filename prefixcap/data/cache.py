@@ -207,10 +207,18 @@ def _shards(rows: int, per: int) -> int:
 
 @dataclass
 class BuildReport:
+    """A split's feature cache once it is complete; `prefixcap run` reports it (how big, how fast it was built)."""
+
+    directory: Path
+    dtype: str
     rows: int
     encoded: int  # rows encoded by this build (0: the cache was complete already)
     seconds: float
     nbytes: int
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.encoded / self.seconds if self.encoded and self.seconds else None
 
 
 Encode = Callable[[Tensor], Tensor]  # (B, 3, S, S) pixels -> (B, N, D) features
@@ -231,7 +239,7 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
             cache = FeatureCache(directory)
         except CacheError:
             return None
-        return cache, BuildReport(cache.rows, 0, time.perf_counter() - started, cache.nbytes())
+        return cache, BuildReport(directory, dtype, cache.rows, 0, time.perf_counter() - started, cache.nbytes())
 
     if found := complete():
         return found
@@ -270,7 +278,7 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
         meta = {"rows": n, "rows_per_shard": per, "shape": list(shape), "dtype": dtype, "format": FORMAT}
         write_atomic(directory / "done.json", json.dumps(meta) + "\n")
     cache = FeatureCache(directory)
-    return cache, BuildReport(n, encoded, time.perf_counter() - started, cache.nbytes())
+    return cache, BuildReport(directory, dtype, n, encoded, time.perf_counter() - started, cache.nbytes())
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -312,24 +311,8 @@ def cache_features(system: System, split: CaptionSet, *, dtype: str = "fp16", ba
         return None
     split.use_features(cache)
     if report is not None:
-        report(FeatureCacheReady(cache.directory, built.rows, built.encoded, built.seconds, built.nbytes, dtype))
+        report(built)
     return built
-
-
-@dataclass(frozen=True)
-class FeatureCacheReady:
-    """Reported once a split reads cached features: how big the cache is, and how fast it was built (if it was)."""
-
-    directory: Path
-    rows: int
-    encoded: int  # 0: the cache was complete already
-    seconds: float
-    nbytes: int
-    dtype: str
-
-    @property
-    def images_per_s(self) -> float | None:
-        return self.encoded / self.seconds if self.encoded and self.seconds else None
 
 
 def fingerprint_update(h: Any, rows: Sequence[int], captions: Sequence[str]) -> None:

@@ -1,6 +1,6 @@
 """What a run tells its caller while it works: one type per kind of event, so that the CLI, bench and a notebook
 render them by type instead of guessing from a dict's keys. ``report`` callbacks receive these (and the data path's
-``FeatureCacheReady``); log.jsonl keeps its own rows, which are the run's record, not its messages."""
+``data.cache.BuildReport``); log.jsonl keeps its own rows, which are the run's record, not its messages."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from prefixcap.errors import summary
-from prefixcap.files import write_atomic
+from prefixcap.files import is_temporary, write_atomic
 from prefixcap.recipe import Recipe
 from prefixcap.training.errors import RunError
 
@@ -51,9 +51,8 @@ RUN_FILES = {".lock", "recipe.resolved.yaml", "log.jsonl", "checkpoints", "final
 
 
 def _written_by_a_run(name: str) -> bool:
-    # besides RUN_FILES: a killed run's temporaries (files.temporary_sibling) and the writability probe
-    return name in RUN_FILES or (name.startswith(".") and (".tmp-" in name or ".old-" in name)) or \
-        name.startswith(".write-test-")
+    # besides RUN_FILES: a killed run's temporaries and the writability probe of prepare_run_dir
+    return name in RUN_FILES or is_temporary(name) or name.startswith(".write-test-")
 
 
 def refuse_foreign_files(run_dir: Path) -> None:
