@@ -5,9 +5,11 @@ Nothing here imports torch at import time: with the ONNX captioner (`prefixcap c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, TextIO
 from PIL import Image
 
 from prefixcap.errors import ImageError, PrefixcapError, summary
+from prefixcap.files import open_atomic
 from prefixcap.images import IMAGE_EXTENSIONS, open_image
 
 if TYPE_CHECKING:
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 
 FORMATS = ("jsonl", "csv", "text")
 EMPTY_CAPTION = "the model wrote an empty caption"
+# Images are shrunk to this as they are read (a JPEG decodes smaller): a batch of 16 holds 16 of these, not 16
+# photos of 88 megapixels (5 GB). The models see 224 to 384 pixels a side, so this changes what they see very little.
+CAPTION_MAX_PIXELS = 2048 * 2048
 
 
 class CaptionError(PrefixcapError):
@@ -131,7 +137,7 @@ def caption_paths(captioner: Captioner, paths: Iterable[str | Path], *, batch_si
         row = CaptionRow(path, None, why)
         if why is None:
             try:
-                batch.append((row, open_image(path)))
+                batch.append((row, open_image(path, max_pixels=CAPTION_MAX_PIXELS)))
             except ImageError as e:
                 row.error = e.reason
         waiting.append(row)
@@ -220,9 +226,71 @@ def load_clip_scorer(recipe: Recipe | None, clip_model: str | None = None) -> Cl
 # --- output ----------------------------------------------------------------------------------------------------
 
 
+def check_out_file(out_file: str | Path, paths: Iterable[str | Path]) -> None:
+    """A CaptionError if ``out_file`` is one of the images ``paths`` name (see ``expand_paths``): writing the rows
+    there would destroy an image, before it is read or after. The same file by another name counts too."""
+    out = Path(out_file)
+    for path, why in expand_paths(paths):
+        if why is None and _same_file(Path(path), out):
+            raise CaptionError(f"--out {out_file} is one of the input images ({path}); write the rows elsewhere")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links, symlinks, ./ and ../ spellings
+    except OSError:  # one of them does not exist (yet): compare the names it would have
+        return a.resolve() == b.resolve()
+
+
+@contextlib.contextmanager
+def out_file_stream(out_file: str | Path) -> Iterator[TextIO]:
+    """A stream for the rows that replaces ``out_file`` only once it is complete (``prefixcap.files.open_atomic``):
+    a reader, or another command writing the same file, never sees half of it; a failed run leaves the old file."""
+    stack = contextlib.ExitStack()
+    try:
+        stream = stack.enter_context(open_atomic(Path(out_file)))
+    except OSError as e:  # only opening is the --out's fault; an error while captioning is reported as itself
+        raise CaptionError(f"--out {out_file}: {e.strerror or summary(e)}") from None
+    with stack:
+        yield stream
+
+
+# Escapes for --format text paths: no name can add a line or a cell, and undoing them gives the name's bytes back.
+_TEXT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_TEXT_ESCAPED = re.compile("[\\\\\x00-\x1f\x7f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a file name's bytes that are not UTF-8, as Python decodes them
+
+
+def escape_text_path(path: str) -> str:
+    """``path`` for a ``PATH<TAB>CAPTION`` line: backslash, tab, newline and carriage return as ``\\\\``,
+    ``\\t``, ``\\n``, ``\\r``; other control characters, and bytes of the name that are not UTF-8, as ``\\xNN``."""
+    return _TEXT_ESCAPED.sub(lambda m: _TEXT_ESCAPES.get(m[0]) or _hex_escape(m[0]), path)
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 (lone surrogates, from ``os.fsdecode``) as ``\\xNN``: writable
+    as UTF-8. Other characters are left as they are."""
+    return _SURROGATE.sub(lambda m: _hex_escape(m[0]), text)
+
+
+def _hex_escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    # A lone surrogate is written as its JSON escape: valid JSON in UTF-8, and json.loads plus os.fsencode give the
+    # name's bytes back.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(record, ensure_ascii=False)) + "\n"
+
+
 class RowWriter:
     """Writes rows as JSON lines, CSV (with a header) or text (``PATH<TAB>CAPTION``), each flushed as it comes, so
-    whoever reads a pipe or the file sees every batch when it is done."""
+    whoever reads a pipe sees every batch when it is done. Whatever a file name holds, a row stays one row of valid
+    UTF-8: text paths are escaped (``escape_text_path``), CSV and JSON quote theirs, and bytes that are not UTF-8 are
+    escaped in every format."""
 
     def __init__(self, stream: TextIO, fmt: str, score: bool = False):
         if fmt not in FORMATS:
@@ -236,11 +304,12 @@ class RowWriter:
     def write(self, row: CaptionRow) -> None:
         values = [getattr(row, field) for field in self.fields]
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(dict(zip(self.fields, values)), ensure_ascii=False) + "\n")
+            self.stream.write(_json_line(dict(zip(self.fields, values))))
         elif self.csv is not None:
-            self.csv.writerow(["" if v is None else v for v in values])
+            self.csv.writerow(["" if v is None else escape_undecodable(v) if isinstance(v, str) else v for v in values])
         else:
             text = f"error: {row.error}" if row.error is not None else row.caption or ""
-            cells = [row.path, " ".join(text.split())] + ([f"{row.clip_s:.4f}"] if row.clip_s is not None else [])
+            cells = [escape_text_path(row.path), escape_undecodable(" ".join(text.split()))]
+            cells += [f"{row.clip_s:.4f}"] if row.clip_s is not None else []
             self.stream.write("\t".join(cells) + "\n")
         self.stream.flush()

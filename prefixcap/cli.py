@@ -261,8 +261,10 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
               help="Caption with this ONNX export (greedy only); then there is no RUN_OR_CHECKPOINT.")
 @click.option("--int8", is_flag=True, help="With --onnx: the int8 graphs (written by `prefixcap export --int8`).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl", show_default=True,
-              help="Rows as JSON lines, CSV with a header, or PATH<TAB>CAPTION lines.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the rows to FILE, not stdout.")
+              help="Rows as JSON lines, CSV with a header, or PATH<TAB>CAPTION lines (paths escaped: \\\\ \\t \\n "
+                   "\\r \\xNN).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Write the rows to FILE, not stdout: whole, once all are written (never one of the images).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
 @click.option("--beams", type=click.IntRange(min=1), metavar="K", help="Beam search with K beams.")
 @click.option("--sample", is_flag=True, help="Sample captions instead of searching for the likeliest.")
@@ -288,7 +290,8 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
     options default to the recipe's generate section. Exit code 0 when every image was captioned, 1 otherwise."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from prefixcap.caption import CaptionError, RowWriter, caption_paths, expand_paths, load_captioner, load_clip_scorer
+    from prefixcap.caption import (CaptionError, RowWriter, caption_paths, check_out_file, expand_paths, load_captioner,
+                                   load_clip_scorer, out_file_stream)  # fmt: skip
 
     if onnx_dir is None and len(args) < 2:
         raise click.UsageError("give RUN_OR_CHECKPOINT and at least one PATH (or --onnx DIR and PATHs)")
@@ -302,6 +305,9 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
         generate["do_sample"] = sample  # --beams asks for a search even where the recipe samples
     if int8 and onnx_dir is None:
         raise click.UsageError("--int8 applies only with --onnx")
+    paths = _with_stdin(args if onnx_dir is not None else args[1:])
+    if out_file is not None:
+        check_out_file(out_file, paths)  # before the model loads: a refusal costs nothing
     if onnx_dir is not None:
         if sample or (beams or 1) > 1:
             raise click.UsageError("--onnx captions greedily: --beams and --sample need RUN_OR_CHECKPOINT")
@@ -309,21 +315,19 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
             from prefixcap.onnx_captioner import OnnxCaptioner
         except ImportError as e:
             raise CaptionError(f"--onnx: cannot load the ONNX captioner: {summary(e)}") from e
-        captioner, recipe, paths = OnnxCaptioner(onnx_dir, int8=int8), None, _with_stdin(args)
+        captioner, recipe = OnnxCaptioner(onnx_dir, int8=int8), None
         generate = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     else:
         captioner = load_captioner(args[0])
-        recipe, paths = captioner.recipe, _with_stdin(args[1:])
+        recipe = captioner.recipe
     scorer = load_clip_scorer(recipe, clip_model) if score or clip_model else None
 
     # Rows on a terminal show the progress themselves; a bar would only fight them for the screen.
     show_bar = err.is_terminal and (out_file is not None or not sys.stdout.isatty())
     progress = Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, disable=not show_bar,
                         redirect_stdout=False, redirect_stderr=False)  # fmt: skip
-    try:
-        sink = open(out_file, "w", encoding="utf-8", newline="") if out_file else contextlib.nullcontext(sys.stdout)
-    except OSError as e:
-        raise CaptionError(f"--out {out_file}: {e.strerror}") from None
+    # --out is written beside its name and renamed over it when complete: never half a file, whoever reads it.
+    sink = out_file_stream(out_file) if out_file else contextlib.nullcontext(sys.stdout)
     total = failed = 0
     clip_s: list[float] = []
     with sink as stream, progress:
@@ -395,7 +399,11 @@ def _with_stdin(args: tuple[str, ...]) -> list[str]:
     """PATH arguments with - replaced by the paths on stdin, one a line."""
     paths: list[str] = []
     for arg in args:
-        paths += [line.rstrip("\r\n") for line in sys.stdin if line.strip()] if arg == "-" else [arg]
+        if arg != "-":
+            paths.append(arg)
+            continue
+        # Bytes, decoded as the file system decodes names: a name that is not UTF-8 still names its file.
+        paths += [os.fsdecode(line.rstrip(b"\r\n")) for line in sys.stdin.buffer if line.strip()]
     return paths
 
 

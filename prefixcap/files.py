@@ -9,10 +9,12 @@ reader then finds the old version or the new one, never half of either: ``write_
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator, TextIO
 
 
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -59,6 +61,25 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def open_atomic(path: Path) -> Iterator[TextIO]:
+    """``write_atomic`` for a file written as it goes: a UTF-8 text stream to a temporary beside ``path``, renamed
+    over ``path`` when the block ends, or removed (and ``path`` left as it was) when it raises. Writers of the same
+    ``path`` in other processes each get their own temporary: the last to finish wins, whole."""
+    tmp = temporary_sibling(path)
+    stream = open(tmp, "w", encoding="utf-8", newline="")
+    try:
+        with stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -13,12 +13,15 @@ and the ONNX captioner read their images here and must not pull torch in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, ContextManager, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,20 +44,25 @@ _ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _PAGE = (255, 255, 255, 255)  # the white page transparent pixels show
 
 
-def open_image(path: str | Path | BinaryIO) -> Image.Image:
+def open_image(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
     """The image file at ``path`` (or an open binary stream) as RGB: its first frame, upright as its EXIF orientation
-    says; see ``to_rgb``."""
+    says; see ``to_rgb``. With ``max_pixels``, a larger image is shrunk by a whole factor to at most that many pixels
+    as it is read (see ``_shrunk``). Anything but a regular file (a FIFO, a device, a directory) is refused unread."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice that; a bomb is a bomb either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with _regular_file(path) as file, Image.open(file) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ImageError(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,} "
                                      "(a possible decompression bomb)", path)  # fmt: skip
+                factor = _shrink_factor(image.size, max_pixels)
+                if factor > 1:
+                    image.draft(None, (width // factor, height // factor))  # a JPEG decodes at 1/2, 1/4 or 1/8 size
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+                # Shrunk before anything else copies it: the full-size pixels are then only ever held once.
+                return to_rgb(ImageOps.exif_transpose(_shrunk(image, max_pixels)))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -66,6 +74,60 @@ def open_image(path: str | Path | BinaryIO) -> Image.Image:
         raise ImageError(f"cannot decode image: {summary(e)}", path) from e
     except Exception as e:  # decoders of malformed files raise all sorts: ValueError, SyntaxError, struct.error, ...
         raise ImageError(f"cannot decode image: {summary(e)}", path) from e
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no FIFOs to wait on
+_NOT_REGULAR = ((stat.S_ISDIR, "Is a directory"), (stat.S_ISFIFO, "a FIFO (named pipe), not a regular file"),
+                (stat.S_ISCHR, "a character device, not a regular file"),
+                (stat.S_ISBLK, "a block device, not a regular file"), (stat.S_ISSOCK, "a socket, not a regular file"))  # fmt: skip
+
+
+def _regular_file(path: str | Path | BinaryIO) -> ContextManager[BinaryIO]:
+    """``path`` opened for reading if it is a regular file, else an ImageError saying what it is (a stream is passed
+    through). Reading a FIFO waits for a writer that may never come, and a device may never end."""
+    if not isinstance(path, (str, Path)):
+        return contextlib.nullcontext(path)
+    _refuse_unless_regular(os.stat(path).st_mode, path)  # a clear reason, before anything is opened
+    # Opened without waiting, and checked again: a FIFO put there since the stat must not hang us either.
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
+    try:
+        _refuse_unless_regular(os.fstat(fd).st_mode, path)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_unless_regular(mode: int, path: str | Path) -> None:
+    if not stat.S_ISREG(mode):
+        raise ImageError(next((why for test, why in _NOT_REGULAR if test(mode)), "not a regular file"), path)
+
+
+def _shrink_factor(size: tuple[int, int], max_pixels: int | None) -> int:
+    """The smallest whole factor that brings an image of ``size`` to at most ``max_pixels`` (PIL rounds up)."""
+    width, height = size
+    if max_pixels is None or width * height <= max_pixels:
+        return 1
+    factor = max(2, math.floor(math.sqrt(width * height / max_pixels)))
+    while -(-width // factor) * -(-height // factor) > max_pixels:
+        factor += 1
+    return factor
+
+
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F"})  # not palette indices
+
+
+def _shrunk(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """``image`` box-averaged down by a whole factor to at most ``max_pixels``; a JPEG may already be smaller (draft).
+    A caller that keeps many images (a batch waiting for the model) then keeps small ones."""
+    factor = _shrink_factor(image.size, max_pixels)
+    if factor == 1:
+        return image
+    if image.mode not in _REDUCIBLE:  # palette indices, 16-bit grey: averaged only once they are colours
+        image = to_rgb(image)
+    return image.reduce(factor)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -119,6 +181,23 @@ def to_rgb_tensor(image: Any) -> torch.Tensor:
     return tensor.clamp(0, 1)
 
 
+_MAX_RESIZED = 4  # images resized whole to at most this many times the model's pixels; larger, the kept window alone
+
+
+def _kept_window(length: int, resized: int, keep: int) -> tuple[int, int, int]:
+    """For an axis of ``length`` pixels resized to ``resized``, of which the centre ``keep`` are kept: the source
+    window (start, stop) that holds them with a margin for the bicubic kernel, and where the kept pixels start once
+    the window is resized at the same scale. The start is picked so that it falls on (or nearest to) an output pixel
+    edge: the kept pixels then match those of the whole image resized, to float rounding where it falls on one."""
+    scale = resized / length
+    first = (resized - keep) // 2
+    margin = math.ceil(3 * max(1.0, 1 / scale))  # bicubic reads 2 pixels each side, more when it shrinks (antialias)
+    latest = max(0, math.floor(first / scale) - margin)
+    start = min(range(max(0, latest - 64), latest + 1), key=lambda s: (abs(s * scale - round(s * scale)), -s))
+    stop = min(length, math.ceil((first + keep) / scale) + margin)
+    return start, stop, round(first - start * scale)
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     size: int
@@ -151,9 +230,17 @@ class ImageProcessor:
         else:
             scale = scaled / min(h, w)
             nh, nw = max(scaled, round(h * scale)), max(scaled, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        x = x[..., top : top + self.size, left : left + self.size]  # (1, 3, size, size)
+        if nh * nw > _MAX_RESIZED * scaled * scaled:
+            # A 10000x10 image would be made 224x224000 only to keep its middle 224x224: resize that middle alone, at
+            # the whole image's scale (given, not recomputed from the window's size, which would shift its pixels).
+            top, bottom, crop_top = _kept_window(h, nh, self.size)
+            left, right, crop_left = _kept_window(w, nw, self.size)
+            x = F.interpolate(x[..., top:bottom, left:right], scale_factor=(nh / h, nw / w), mode="bicubic",
+                              antialias=True, align_corners=False, recompute_scale_factor=False)  # fmt: skip
+        else:  # resized whole, as the ONNX and browser captioners resize it, so their pixels match these
+            crop_top, crop_left = (nh - self.size) // 2, (nw - self.size) // 2
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        x = x[..., crop_top : crop_top + self.size, crop_left : crop_left + self.size]  # (1, 3, size, size)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x.clamp(0, 1) - mean) / std)[0]
