@@ -7,6 +7,7 @@ DIR holds a normal export (prefixcap.export: graphs, tokenizer, manifest.json, s
 works on it too) plus:
 
     index.html, app.js     the page: pick or drop images, each caption with its time and a ready-to-copy alt="..."
+    style.css              its style (a file: index.html's Content-Security-Policy allows nothing inline)
     caption.js             the captioner, a port of prefixcap.onnx_captioner.OnnxCaptioner: preprocessing (PIL's
                            float bicubic resampler, bit for bit), greedy decoding with the KV cache, detokenisation
     tokens.web.json        the token table caption.js decodes with (below)
@@ -14,6 +15,11 @@ works on it too) plus:
 
 manifest.json gains a "web" section: the graphs the page loads ("int8" or "fp32"; ?graphs=fp32 in the page's URL
 picks the others when both were written), the token table and the runtime files.
+
+The page trusts nothing in manifest.json to point elsewhere: every file it names must be a relative path inside DIR
+(no scheme such as data: or http:, no leading / or //, no ..), or the page shows why it refused and loads nothing;
+and index.html's Content-Security-Policy lets it load scripts, styles, data and images from its own origin only
+(plus WebAssembly, which onnxruntime-web compiles, and blob: images, the thumbnails of the chosen files).
 
 Detokenisation: caption.js cannot run the tokenizers library, so the export writes each token's string and the rule
 that joins them (byte-level BPE: every token's characters stand for bytes, joined and read as UTF-8; Metaspace:
@@ -38,7 +44,7 @@ from tokenizers import Tokenizer
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, CLEAN_UPS, ExportError
 
 TEMPLATES = Path(__file__).resolve().parent / "web"
-PAGE_FILES = ("index.html", "app.js", "caption.js")
+PAGE_FILES = ("index.html", "style.css", "app.js", "caption.js")
 TOKEN_TABLE = "tokens.web.json"
 TABLE_FORMAT = "prefixcap-web-tokens/1"
 # onnxruntime-web's ESM entry for the wasm backend, and the two files it fetches at run time (checked with the

@@ -141,7 +141,7 @@ def test_page_is_self_contained(int8_page, exported, server):
     fetched = {url.removeprefix(server) for url in int8_page["requests"]}
     graphs = {graph["int8_file"] for graph in manifest["graphs"].values()}
     runtime = {f"{ORT_DIR}/{name}" for name in ORT_FILES}  # what this onnxruntime-web version loads, no more
-    assert fetched == {"", "app.js", "caption.js", "manifest.json", "tokens.web.json"} | graphs | runtime
+    assert fetched == {"", "style.css", "app.js", "caption.js", "manifest.json", "tokens.web.json"} | graphs | runtime
     assert "int8 graphs" in int8_page["status"]
 
 

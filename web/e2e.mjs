@@ -5,7 +5,7 @@
 //   node web/e2e.mjs --url http://127.0.0.1:PORT/ --screenshot shot.png [--probes probes.json] image.png ...
 //
 //   {"status", "results": [{name, caption, alt, ms, ids, error?}], "requests", "blocked", "failed", "errors",
-//    "decoded", "tidied", "pixels"}
+//    "csp", "decoded", "tidied", "pixels"}   (csp: the Content-Security-Policy violations the page reported)
 //
 // Only the page's own origin is reachable: any other request is aborted and listed in "blocked", so a page that
 // needs a CDN fails. probes.json may ask for {"decode": [[ids], ...], "tidy": [text, ...], "pixels": true}: the
@@ -46,6 +46,12 @@ try {
     report.blocked.push(url);
     return route.abort();
   });
+  // Content-Security-Policy violations, as the page sees them (Chromium also logs each as a console error).
+  await context.addInitScript(() => {
+    window.__cspViolations = [];
+    document.addEventListener('securitypolicyviolation', (event) => window.__cspViolations.push(
+      `${event.effectiveDirective} blocked ${event.blockedURI || '(inline)'} at ${event.sourceFile}:${event.lineNumber}`));
+  });
   const page = context.pages()[0] || await context.newPage();
   page.setDefaultTimeout(timeout);
   page.on('request', (request) => report.requests.push(request.url()));
@@ -66,6 +72,7 @@ try {
     const probes = options.probes ? JSON.parse(readFileSync(options.probes, 'utf8')) : {};
     Object.assign(report, await page.evaluate(runProbes, probes));
   }
+  report.csp = await page.evaluate(() => window.__cspViolations);
   if (options.screenshot) await page.screenshot({ path: options.screenshot, fullPage: true });
   process.stdout.write(JSON.stringify(report) + '\n');
 } catch (error) {

@@ -8,24 +8,34 @@
 export class Captioner {
   // base: the export folder's URL; graphs: 'int8' or 'fp32' (default: the export's choice, manifest.web.graphs).
   static async load(base, { graphs } = {}) {
+    base = new URL(base);
     const manifest = await fetchJson(new URL('manifest.json', base));
     const web = manifest.web;
-    const ort = await import(new URL(web.runtime.module, base).href);
-    ort.env.wasm.wasmPaths = new URL(web.runtime.wasm_paths, base).href; // never a CDN
+    graphs = graphs || web.graphs;
+    const key = graphs === 'int8' ? 'int8_file' : 'file';
+    // manifest.json is a file anyone can edit: every URL in it is checked before anything is loaded.
+    const moduleUrl = exportUrl(base, 'web.runtime.module', web.runtime.module);
+    const wasmPaths = exportUrl(base, 'web.runtime.wasm_paths', web.runtime.wasm_paths, { folder: true });
+    const tokens = exportUrl(base, 'web.tokens', web.tokens);
+    const files = [];
+    for (const [name, graph] of Object.entries(manifest.graphs)) {
+      if (!graph[key]) throw new Error(`this export has no ${graphs} ${name} graph`);
+      const data = graph[key] + '.data'; // weights over 1.5 GB live next to the graph (prefixcap/export.py)
+      files.push({ name, graph: exportUrl(base, `graphs.${name}.${key}`, graph[key]),
+        data: data in manifest.files ? [{ path: data, data: exportUrl(base, `graphs.${name}.${key}`, data) }] : null });
+    }
+    const ort = await import(moduleUrl);
+    ort.env.wasm.wasmPaths = wasmPaths; // never a CDN
     // More threads need SharedArrayBuffer, which browsers only give cross-origin isolated pages: headers that
     // `python -m http.server` does not send.
     ort.env.wasm.numThreads = web.runtime.threads;
-    graphs = graphs || web.graphs;
-    const key = graphs === 'int8' ? 'int8_file' : 'file';
     const sessions = {};
-    for (const [name, graph] of Object.entries(manifest.graphs)) {
-      if (!graph[key]) throw new Error(`this export has no ${graphs} ${name} graph`);
+    for (const { name, graph, data } of files) {
       const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
-      const data = graph[key] + '.data'; // weights over 1.5 GB live next to the graph (prefixcap/export.py)
-      if (data in manifest.files) options.externalData = [{ path: data, data: new URL(data, base).href }];
-      sessions[name] = await ort.InferenceSession.create(new URL(graph[key], base).href, options);
+      if (data) options.externalData = data;
+      sessions[name] = await ort.InferenceSession.create(graph, options);
     }
-    const table = await fetchJson(new URL(web.tokens, base));
+    const table = await fetchJson(tokens);
     return new Captioner(ort, manifest, sessions, table, graphs);
   }
 
@@ -326,6 +336,24 @@ export function tidyAltText(text, maxChars = 125) {
   if (!chars.length) return '';
   chars[0] = chars[0].toUpperCase();
   return ends(chars) ? chars.join('') : chars.join('') + '.';
+}
+
+// The URL of a file that manifest.json names (field: where, for the error), which must be in the export folder
+// (base): a relative path of plain file-name characters, without a scheme (data:, http:, blob:, javascript:), a
+// leading / or //, a backslash, a . or .. segment, a query or a fragment, that resolves under base. folder: a folder's
+// path, ending in / (onnxruntime-web's wasmPaths). Anything else is refused: an edited manifest must not make the
+// page load code or data from anywhere else.
+export function exportUrl(base, field, path, { folder = false } = {}) {
+  const segments = typeof path === 'string' ? path.split('/') : [];
+  if (folder && segments.at(-1) === '') segments.pop();
+  const url = typeof path === 'string' && /^[A-Za-z0-9._\/-]+$/.test(path) ? new URL(path, base) : null;
+  if (!url || !segments.length || segments.some((s) => s === '' || s === '.' || s === '..') ||
+      folder !== path.endsWith('/') || url.origin !== base.origin || !url.href.startsWith(base.href) ||
+      url.search || url.hash) {
+    throw new Error(`manifest.json is refused: ${field} is ${JSON.stringify(path)}, not a relative path to a ` +
+      `${folder ? 'folder' : 'file'} inside the export folder (the page loads nothing from anywhere else)`);
+  }
+  return url.href;
 }
 
 async function fetchJson(url) {
