@@ -43,6 +43,7 @@ from prefixcap.data import ShapesOptions  # noqa: E402
 from prefixcap.data.shapes import ShapesSource  # noqa: E402
 from prefixcap.export import export_system  # noqa: E402
 from prefixcap.onnx_captioner import OnnxCaptioner  # noqa: E402
+from prefixcap.persist import saved_system_dir  # noqa: E402
 from prefixcap.weights import module_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def main() -> int:
         start = time.perf_counter()
         manifest = export_system(source, exported, int8=True)
         export_s = time.perf_counter() - start
-        system = prefixcap.load(manifest["source"])
+        system = prefixcap.load(saved_system_dir(source))  # the manifest records no absolute path
         size = manifest["image"]["size"]
         images = [e.image for e in ShapesSource(ShapesOptions(image_size=size, test_size=args.images)).examples("test")]
         onnx = {key: OnnxCaptioner(exported, int8=key == "int8_file", threads=args.threads)

@@ -82,6 +82,22 @@ def packaged_file(module: str, pattern: str, missing: str) -> Path:
     return found[0]
 
 
+# Far deeper than any manifest prefixcap writes (a recipe nests a few levels), far shallower than the recursion limit.
+MAX_MANIFEST_DEPTH = 64
+
+
+def nesting_depth(value: Any) -> int:
+    """How many lists and dicts deep ``value`` nests, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], what: str) -> dict[str, Any]:
     """``directory``/manifest.json, which must declare format ``fmt``; ``what`` names such a directory in errors."""
     path = Path(directory) / "manifest.json"
@@ -91,6 +107,10 @@ def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], 
         raise error(f"{directory}: not {what} (no manifest.json)") from None
     except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise error(f"{path}: unreadable manifest: {e}") from None
+    except RecursionError:  # the JSON parser recurses once per level of [ or {
+        raise error(f"{path}: unreadable manifest: nested too deeply") from None
+    if nesting_depth(manifest) > MAX_MANIFEST_DEPTH:  # what reads it next walks it recursively
+        raise error(f"{path}: unreadable manifest: nested deeper than {MAX_MANIFEST_DEPTH} levels")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != fmt:
         raise error(f"{path}: unknown format {found!r} (this prefixcap reads {fmt})")

@@ -29,6 +29,7 @@ runtime passes only the mask, (batch, past + prefix + new tokens). Only the last
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -44,6 +45,7 @@ from torch.export import Dim
 from transformers import DynamicCache, EncoderDecoderCache
 
 from prefixcap.checkpoints import installed_versions
+from prefixcap.errors import summary
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, FORMAT, ExportError
 from prefixcap.persist import load_system, saved_system_dir
 from prefixcap.systems.crossattn import CrossAttnSystem
@@ -65,6 +67,16 @@ CROSSATTN_STEPS = ("vision_encoder: pixel_values -> cross_key_values.*, fed to e
 BATCH, PAST, NEW, PREFIX = 2, 3, 2, 3
 
 
+def source_name(source: Path) -> str:
+    """What a manifest records as the exported system's source, without the exporting machine's layout: its path
+    relative to the current directory when inside it (runs/quickstart/final), else only its run's name and its own
+    (quickstart/final), or its own name for a saved system that is no run's final/."""
+    path, here = source.resolve(), Path.cwd().resolve()
+    if here != Path(here.anchor) and path != here and path.is_relative_to(here):
+        return path.relative_to(here).as_posix()
+    return "/".join(path.parts[-2:] if path.name == "final" else path.parts[-1:])
+
+
 def export_system(source: str | Path, out: str | Path, *, int8: bool = False) -> dict[str, Any]:
     """Export the system saved in ``source`` (a saved system, or a run directory: its final/) to ``out``; returns
     the manifest written there."""
@@ -78,7 +90,21 @@ def export_system(source: str | Path, out: str | Path, *, int8: bool = False) ->
     else:
         raise ExportError(f"{source}: cannot export a {type(system).__name__} (prefix and crossattn systems only)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Written next to ``out`` and moved in only when complete: a full disk or a failed graph leaves no
+        # truncated file where a runtime would read it.
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            manifest = write_export(system, graphs, steps, source, Path(tmp), int8=int8, lora=lora)
+            publish(Path(tmp), out)
+    except OSError as e:  # ENOSPC, EDQUOT, EROFS, EACCES: the reason is all the user needs
+        raise ExportError(f"cannot write the export to {out}: {e.strerror or summary(e)}") from None
+    return manifest
+
+
+def write_export(system: PrefixSystem | CrossAttnSystem, graphs: dict[str, Graph], steps: str, source: Path,
+                 out: Path, *, int8: bool, lora: bool) -> dict[str, Any]:  # fmt: skip
+    """Write every graph, the tokenizer and manifest.json into the (empty) directory ``out``; return the manifest."""
     described, written = {}, []
     for name, graph in graphs.items():
         path = out / f"{name}.onnx"
@@ -95,7 +121,7 @@ def export_system(source: str | Path, out: str | Path, *, int8: bool = False) ->
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "system": "prefix" if isinstance(system, PrefixSystem) else "crossattn",
-        "source": str(source.resolve()),
+        "source": source_name(source),
         "graphs": described,
         "decoder": {"layout": "merged: one graph for every step, the first with an empty past", "steps": steps,
                     "lora_merged": lora,
@@ -113,6 +139,15 @@ def export_system(source: str | Path, out: str | Path, *, int8: bool = False) ->
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the complete export in ``staging`` into ``out`` (which may hold other files), manifest.json last: a
+    reader that finds the new manifest finds every file it names."""
+    out.mkdir(exist_ok=True)
+    names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == "manifest.json")
+    for name in names:
+        os.replace(staging / name, out / name)
 
 
 @dataclass

@@ -92,8 +92,11 @@ class Component(nn.Module):
         return ["model.safetensors"]
 
     def load_trained(self, directory: Path) -> None:
-        if (directory / "model.safetensors").exists():
-            load_into(self, directory / "model.safetensors")
+        path = directory / "model.safetensors"
+        if path.exists():
+            load_into(self, path)
+        elif self.trained_state():  # save_trained wrote one: without it the part would serve random weights
+            raise SavedSystemError(f"{path} is missing: this part trains weights, and its saved ones are gone")
 
 
 class Encoder(Component, ABC):

@@ -5,6 +5,10 @@
 
 Nothing here imports torch (a test checks it), so a deployment needs neither torch nor transformers.
 
+An export directory may come from anyone: its manifest is validated before anything is opened (every section the
+captioner reads, every graph the system needs), the files it names must lie inside the directory, and a graph or
+tokenizer the runtime cannot load is an ExportError naming the file, not a library's traceback.
+
 Pixels are made as prefixcap.images.ImageProcessor makes them, from the manifest's numbers: RGB / 255, resized,
 clamped to [0, 1], centre-cropped, normalised. ImageProcessor resizes with torch (bicubic, antialiased, on floats);
 here PIL's float-mode BICUBIC does it, which agrees to ~2e-5 in [0, 1] but not bit for bit, so a caption of an image
@@ -21,15 +25,16 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+from pydantic import BaseModel, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
 from tokenizers import Tokenizer
 
 from prefixcap import checkpoints
-from prefixcap.errors import PrefixcapError
+from prefixcap.errors import PrefixcapError, summary
 
 FORMAT = "prefixcap-onnx/1"
 # transformers' clean_up_tokenization (tokenization_utils_base), for tokenizers whose decode applies it; the export
@@ -44,8 +49,109 @@ class ExportError(PrefixcapError):
     """A system cannot be exported, or an export directory is missing, incomplete or of another format."""
 
 
+class ValueSpec(BaseModel):
+    name: str
+    dtype: str
+    shape: list[NonNegativeInt | str]
+
+    @field_validator("dtype")
+    @classmethod
+    def numeric(cls, value: str) -> str:
+        try:
+            kind = np.dtype(value).kind
+        except TypeError:
+            kind = None
+        if kind not in ("f", "i", "u", "b"):
+            raise ValueError(f"{value!r} is not a numeric dtype")
+        return value
+
+
+class GraphSpec(BaseModel):
+    file: str
+    int8_file: str | None = None
+    inputs: list[ValueSpec]
+    outputs: list[ValueSpec]
+
+
+class DecodeSpec(BaseModel):
+    skip_special_tokens: bool
+    clean_up_tokenization_spaces: bool
+    strip: bool
+
+
+class TokensSpec(BaseModel):
+    tokenizer: str
+    eos_id: int
+    prompt_ids: list[int]
+    decode: DecodeSpec
+
+
+class ImageSpec(BaseModel):
+    size: PositiveInt
+    mean: tuple[float, float, float]
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+    resize: Literal["squash", "crop"]
+    crop_pct: PositiveFloat
+
+
+class GenerateSpec(BaseModel):
+    max_new_tokens: PositiveInt
+    num_beams: PositiveInt
+    do_sample: bool
+    repetition_penalty: float
+
+
+class ExportManifest(BaseModel):
+    """What the captioner reads from an export's manifest.json (other fields, a web page's for one, pass)."""
+
+    system: Literal["prefix", "crossattn"]
+    graphs: dict[str, GraphSpec]
+    tokens: TokensSpec
+    image: ImageSpec
+    generate: GenerateSpec
+
+
+GRAPHS = {"prefix": ("vision_encoder", "connector", "decoder"), "crossattn": ("vision_encoder", "decoder")}
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    return checkpoints.read_manifest(directory, FORMAT, ExportError, "an exported captioner")
+    """The export's manifest, checked to hold what the captioner reads: an export is a file from anyone, and a
+    missing section would otherwise surface as a KeyError in the middle of captioning."""
+    manifest = checkpoints.read_manifest(directory, FORMAT, ExportError, "an exported captioner")
+    path = directory / "manifest.json"
+    try:
+        parsed = ExportManifest.model_validate(manifest)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "manifest"
+        raise ExportError(f"{path}: invalid manifest: {where}: {first['msg']}") from None
+    missing = [name for name in GRAPHS[parsed.system] if name not in parsed.graphs]
+    if missing:
+        raise ExportError(f"{path}: invalid manifest: graphs: no {', '.join(missing)} graph")
+    return manifest
+
+
+def file_inside(directory: Path, name: str) -> Path:
+    """``directory``/``name``, refused unless it is a file inside ``directory`` (no absolute path, "..", or symlink
+    leading out): the manifest, not the user, names it."""
+    path = directory / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(directory.resolve()):
+        raise ExportError(f"{directory}: {name} named in the manifest is outside the export directory")
+    if not path.is_file():
+        raise ExportError(f"{directory}: {name} listed in the manifest is missing")
+    return path
+
+
+def open_session(path: Path, graph: dict[str, Any], options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime session for the graph file ``path``, whose inputs must be those the manifest declares."""
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises types of its own (InvalidProtobuf, Fail, ...) for a damaged graph
+        raise ExportError(f"{path}: not a usable ONNX graph: {summary(e)}") from None
+    names = sorted(i.name for i in session.get_inputs())
+    if names != sorted(value["name"] for value in graph["inputs"]):
+        raise ExportError(f"{path}: the graph's inputs ({', '.join(names)}) are not those the manifest declares")
+    return session
 
 
 class OnnxCaptioner:
@@ -59,14 +165,15 @@ class OnnxCaptioner:
             options.intra_op_num_threads = threads
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, graph in self.manifest["graphs"].items():
-            if key not in graph:
+            if graph.get(key) is None:
                 raise ExportError(f"{self.directory}: no int8 graphs (export with int8=True)")
-            path = self.directory / graph[key]
-            if not path.is_file():
-                raise ExportError(f"{self.directory}: {graph[key]} listed in the manifest is missing")
-            self.sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.sessions[name] = open_session(file_inside(self.directory, graph[key]), graph, options)
         self.tokens = self.manifest["tokens"]
-        self.tokenizer = Tokenizer.from_file(str(self.directory / self.tokens["tokenizer"]))
+        tokenizer = file_inside(self.directory, self.tokens["tokenizer"])
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ExportError(f"{tokenizer}: unreadable tokenizer: {summary(e)}") from None
         generate = self.manifest["generate"]
         if generate["num_beams"] > 1 or generate["do_sample"] or generate["repetition_penalty"] != 1:
             warnings.warn("the recipe asks for beam search, sampling or a repetition penalty; OnnxCaptioner decodes "

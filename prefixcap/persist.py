@@ -27,6 +27,7 @@ import torch
 from prefixcap import checkpoints
 from prefixcap.errors import SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
+from prefixcap.weights import PICKLE_WEIGHTS, check_adapter
 
 FORMAT = "prefixcap-system/1"
 
@@ -110,6 +111,45 @@ def saved_system_dir(path: str | Path) -> Path:
     return path  # load_system says what it is not
 
 
+def _listed_files(directory: Path, files: Any) -> dict[str, list[str]]:
+    """The manifest's files (part -> names), each a plain name of a file that exists, none a pickle: the manifest is
+    a stranger's file, and it says which weights to read."""
+    if not isinstance(files, dict) or not all(
+            isinstance(slot, str) and isinstance(names, list) and all(isinstance(n, str) for n in names)
+            for slot, names in files.items()):  # fmt: skip
+        raise SavedSystemError(f"{directory}: the manifest's files must map each part to a list of file names")
+    for slot, names in files.items():
+        for name in names:
+            if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise SavedSystemError(f"{directory}: the manifest lists {slot}/{name}, which is not a file name")
+            if name.lower().endswith(PICKLE_WEIGHTS):
+                raise SavedSystemError(f"{directory}: the manifest lists {slot}/{name}; prefixcap reads weights from "
+                                       ".safetensors files only (a pickle-based file can run code when loaded)")
+            if not (directory / slot / name).is_file():
+                raise SavedSystemError(f"{directory}: {slot}/{name} listed in the manifest is missing")
+    return files
+
+
+def _trains_something(part: Any) -> bool:
+    """Whether a part of a built system saved weights: one that trains nothing wrote no file, and needs none."""
+    trained = getattr(part, "trained_state", None)
+    return callable(trained) and bool(trained())
+
+
+def _check_trained_parts(directory: Path, system: Any, files: dict[str, list[str]]) -> None:
+    """Every part that trains something has its weights listed (and so present): a manifest that lists none would
+    otherwise serve random weights as a trained model."""
+    parts = dict(system.parts())
+    unknown = sorted(set(files) - set(parts))
+    if unknown:
+        raise SavedSystemError(f"{directory}: the manifest lists files for {', '.join(unknown)}, which its recipe "
+                               f"has no part for")  # fmt: skip
+    for slot, part in parts.items():
+        if _trains_something(part) and not any(name.endswith(".safetensors") for name in files.get(slot, [])):
+            raise SavedSystemError(f"{directory}: the manifest lists no weights for {slot}, which its recipe trains; "
+                                   "the saved system is incomplete")
+
+
 def load_system(directory: str | Path, device: str | torch.device | None = None, *,
                 trust_remote_code: bool = False) -> Any:  # fmt: skip
     """Rebuild a saved system: compose from the manifest's recipe, then load the trained tensors."""
@@ -122,11 +162,14 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
         raise SavedSystemError(f"{directory}: its recipe sets trust_remote_code ({', '.join(remote)}), which would "
                                "run code from the checkpoints it names; load it with prefixcap.load(..., "
                                "trust_remote_code=True) only if you trust them")  # fmt: skip
-    for slot, names in manifest.get("files", {}).items():
-        for name in names:
-            if not (directory / slot / name).is_file():
-                raise SavedSystemError(f"{directory}: {slot}/{name} listed in the manifest is missing")
+    if not isinstance(manifest.get("recipe"), dict):
+        raise SavedSystemError(f"{directory / 'manifest.json'}: no recipe to rebuild the system from")
+    files = _listed_files(directory, manifest.get("files", {}))
+    for slot, names in files.items():
+        if "adapter_model.safetensors" in names:  # read by peft's loader, which checks no values
+            check_adapter(directory / slot / "adapter_model.safetensors")
     system = compose(manifest["recipe"])
+    _check_trained_parts(directory, system, files)
     system.load_trained(directory)
     if device is not None:
         system.to(device)

@@ -1,15 +1,17 @@
 """A component's trained tensors in and out, as safetensors only.
 
 ``module_state`` picks what a component trained (or, for one built from random initialisation, all of it);
-``save_tensors`` writes it, ``load_into`` reads it back onto a built component and checks every tensor lands on a
-parameter of the same shape. ``refuse_pickle_weights`` stops a component from reading base weights a pickle could
-hide code in: loading a pickle-based file can run whatever it names, so prefixcap reads none.
+``save_tensors`` writes it, ``load_into`` reads it back onto a built component and checks that the file holds every
+tensor the component trained, each landing on a parameter of the same shape and kind (float or integer), with finite
+values. ``refuse_pickle_weights`` stops a component from reading base weights a pickle could hide code in: loading a
+pickle-based file can run whatever it names, so prefixcap reads none.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -41,23 +43,72 @@ def save_tensors(state: dict[str, Tensor], path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def load_into(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``module``: every saved tensor must land on a parameter of the same shape."""
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, refused if any floating one holds NaN or inf: a model with such a weight
+    computes NaN logits, which greedy decoding turns into empty captions rather than an error."""
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise SavedSystemError(f"{path}: unreadable safetensors file: {e}") from e
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SavedSystemError(f"{path}: tensor {name} is not finite (it holds NaN or inf); the file is damaged")
+    return state
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating"
+    return "complex" if dtype.is_complex else "bool" if dtype == torch.bool else "integer"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _expected(module: nn.Module) -> set[str]:
+    """The tensors a saved ``module`` must provide: what it trains (a Component's trained_state, which for one built
+    from random initialisation is all of it)."""
+    trained = getattr(module, "trained_state", None)
+    return set(trained() if callable(trained) else module_state(module))
+
+
+def load_into(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``module``: every saved tensor must land on a parameter of the same shape and
+    kind, and every tensor the module trains must be there (strict loading would also ask for frozen base weights,
+    which the file rightly leaves out)."""
+    state = read_tensors(path)
     own = module.state_dict()
+    cls = type(module).__name__
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise SavedSystemError(f"{path}: tensors {unknown[:5]} do not exist in this {type(module).__name__}")
+        raise SavedSystemError(f"{path}: tensors {unknown[:5]} do not exist in this {cls}")
     wrong = [k for k, v in state.items() if own[k].shape != v.shape]
     if wrong:
         raise SavedSystemError(
             f"{path}: shape mismatch for {wrong[0]}: saved {tuple(state[wrong[0]].shape)}, "
             f"model has {tuple(own[wrong[0]].shape)}"
         )
+    # load_state_dict converts silently: int64 weights would load as whole numbers and caption nonsense
+    foreign = [k for k, v in state.items() if _kind(v.dtype) != _kind(own[k].dtype)]
+    if foreign:
+        name = foreign[0]
+        raise SavedSystemError(f"{path}: tensor {name} holds {_dtype_name(state[name].dtype)} values where this {cls} "
+                               f"has {_dtype_name(own[name].dtype)} ones")  # fmt: skip
+    expected = _expected(module)
+    missing = sorted(expected - set(state))
+    if missing:  # they would keep their random initialisation
+        raise SavedSystemError(f"{path}: tensors {missing[:5]} are missing ({len(missing)} of the {len(expected)} "
+                               f"this {cls} trains)")  # fmt: skip
     module.load_state_dict(state, strict=False)
+
+
+def check_adapter(path: Path) -> None:
+    """A peft adapter (read by the decoder with peft's own loader) holds trained LoRA matrices only: finite floats."""
+    for name, tensor in read_tensors(path).items():
+        if not tensor.is_floating_point():
+            raise SavedSystemError(f"{path}: tensor {name} holds {_dtype_name(tensor.dtype)} values; an adapter's "
+                                   "weights are floating point")  # fmt: skip
 
 
 def refuse_pickle_weights(checkpoint: str | None, *, beside_safetensors_ok: bool = False) -> None:
