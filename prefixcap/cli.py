@@ -16,6 +16,7 @@ from rich.table import Table
 from prefixcap import __version__
 from prefixcap.errors import PrefixcapError, summary
 from prefixcap.registry import KINDS, list_components, registry
+from prefixcap.yaml_text import printable
 
 out = Console()
 err = Console(stderr=True)
@@ -34,9 +35,9 @@ def _errors_to_exit_2(fn):
             if os.environ.get("PREFIXCAP_DEBUG"):
                 raise
             lines = str(e).splitlines() or [type(e).__name__]
-            err.print(f"[bold red]error:[/] {escape(lines[0])}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_shown(lines[0])}", markup=True, highlight=False, soft_wrap=True)
             for line in lines[1:]:
-                err.print(f"       {line}", markup=False, highlight=False, soft_wrap=True)
+                err.print(f"       {printable(line)}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(getattr(e, "exit_code", 2))  # an interrupted run exits as the signal's default would
 
     return wrapper
@@ -82,10 +83,10 @@ def plugins(kind: str | None, as_json: bool):
         table.add_column(col, overflow="fold")
     # Names, versions, descriptions and errors come from third-party code: shown as text, never as rich markup.
     for r in rows:
-        table.add_row(r.kind, r.name, escape(r.provider.dist), escape(r.provider.version), escape(r.description))
+        table.add_row(*map(_shown, (r.kind, r.name, r.provider.dist, r.provider.version, r.description)))
     for b in broken:
-        table.add_row("[red]broken[/]", escape(b.provider.plugin), escape(b.provider.dist), escape(b.provider.version),
-                      f"[red]{escape(b.error)}[/]")
+        table.add_row("[red]broken[/]", *map(_shown, (b.provider.plugin, b.provider.dist, b.provider.version)),
+                      f"[red]{_shown(b.error)}[/]")
     out.print(table)
 
 
@@ -103,8 +104,8 @@ def recipes(as_json: bool):
     table = Table(title="prefixcap recipes", title_justify="left")
     for col in ("name", "path", "description"):
         table.add_column(col, overflow="fold")
-    for name, path, description in found:
-        table.add_row(name, str(path), description)
+    for name, path, description in found:  # a recipe is anyone's file: its name and description are text
+        table.add_row(_shown(name), _shown(path), _shown(description))
     out.print(table)
 
 
@@ -126,19 +127,19 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
             "components": [c.__dict__ for c in report.components],
         }, indent=2))  # fmt: skip
         return
-    table = Table(title=escape(f"{report.recipe.source}: system {report.system!r}"), title_justify="left")
+    table = Table(title=_shown(f"{report.recipe.source}: system {report.system!r}"), title_justify="left")
     for col, justify in (("section", "left"), ("component", "left"), ("checkpoint", "left"),
                          ("params", "right"), ("trainable", "right")):  # fmt: skip
         table.add_column(col, justify=justify, overflow="fold")
     for c in report.components:
-        table.add_row(c.slot, c.name, escape(c.checkpoint or ""), f"{c.total:,}", f"{c.trainable:,}")
+        table.add_row(_shown(c.slot), _shown(c.name), _shown(c.checkpoint or ""), f"{c.total:,}", f"{c.trainable:,}")
     table.add_row("[bold]total[/]", "", "", f"[bold]{report.total:,}[/]", f"[bold]{report.trainable:,}[/]")
     out.print(table)
     details = []
     if report.prefix_tokens is not None:
         details.append(f"prefix tokens: {report.prefix_tokens}")
     if report.lora_targets:
-        details.append(f"LoRA targets: {', '.join(report.lora_targets)}")
+        details.append(f"LoRA targets: {_shown(', '.join(report.lora_targets))}")
     share = 100 * report.trainable / report.total if report.total else 0.0
     details.append(f"trainable: {share:.2f}%")
     out.print("ok: " + "; ".join(details), highlight=False)
@@ -171,7 +172,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
                 task = progress.add_task("", total=event.total_steps, completed=event.step)
                 progress.start()
             case Evaluated():
-                say(f"step {event.step:>6}  val {_metrics_line(event.shown())}", highlight=False)
+                say(f"step {event.step:>6}  val {_shown(_metrics_line(event.shown()))}", highlight=False)
             case Stepped():
                 line = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.samples_per_s:.0f} samples/s"
                 if event.data_images_per_s:  # beside the training rate: data slower than training starves it
@@ -183,12 +184,12 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
             case BuildReport():
                 built = (f"encoded {event.encoded} images in {event.seconds:.1f} s ({event.images_per_s:.0f} "
                          "images/s)" if event.encoded else "complete, reused")  # fmt: skip
-                say(f"feature cache {event.directory}: {event.rows} images, {event.nbytes / 2**20:.1f} MiB "
+                say(f"feature cache {_shown(event.directory)}: {event.rows} images, {event.nbytes / 2**20:.1f} MiB "
                     f"{event.dtype}, {built}", highlight=False, soft_wrap=True)  # fmt: skip
             case Resumed():
-                say(f"resume: {event.checkpoint}", highlight=False, soft_wrap=True)
+                say(f"resume: {_shown(event.checkpoint)}", highlight=False, soft_wrap=True)
             case Stopped():
-                say(f"step {event.step:>6}  early stop: {event.reason}", highlight=False)
+                say(f"step {event.step:>6}  early stop: {_shown(event.reason)}", highlight=False)
 
     try:
         result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
@@ -196,11 +197,11 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
         progress.stop()
     if not result.main_process:
         return  # one process of a data-parallel launch speaks for the run
-    table = Table(title=f"{result.run_dir}: {result.steps} steps", title_justify="left")
+    table = Table(title=f"{_shown(result.run_dir)}: {result.steps} steps", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.metrics.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(_shown(key), f"{value:.4g}" if isinstance(value, float) else _shown(value))
     out.print(table)
 
 
@@ -236,23 +237,24 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 
     def report(event: object, entry: str | None = None) -> None:
         if isinstance(event, EntryStarted):
-            out.rule(f"{event.label}  ({event.recipe})")
+            out.rule(_shown(f"{event.label}  ({event.recipe})"))
         elif isinstance(event, Evaluated):
-            out.print(f"{entry}: step {event.step:>6}  val {_metrics_line(event.shown())}", markup=False,
+            out.print(printable(f"{entry}: step {event.step:>6}  val {_metrics_line(event.shown())}"), markup=False,
                       highlight=False)  # fmt: skip
 
     result = run_bench(compare.split(","), out=out_dir, overrides=overrides, report=report, **options)
     p, env = result["protocol"], result["environment"]
     budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s"
-    table = Table(title=f"bench on {env['device']['name']}: data {p['data']['name']}, seed {p['seed']}, batch "
-                        f"{p['batch_size']}, {budget}, N={p['gen_batch']}", title_justify="left")  # fmt: skip
+    title = (f"bench on {env['device']['name']}: data {p['data']['name']}, seed {p['seed']}, batch {p['batch_size']}, "
+             f"{budget}, N={p['gen_batch']}")  # fmt: skip
+    table = Table(title=_shown(title), title_justify="left")
     table.add_column("")
     for e in result["entries"]:
-        table.add_column(e["label"], justify="right", overflow="fold")
-    for row in rows(result):
-        table.add_row(*row)
+        table.add_column(_shown(e["label"]), justify="right", overflow="fold")
+    for row in rows(result):  # labels and metric names come from recipes and plugins
+        table.add_row(*map(_shown, row))
     out.print(table)
-    out.print(f"wrote {', '.join(result['files'].values())}", highlight=False)
+    out.print(_shown(f"wrote {', '.join(result['files'].values())}"), highlight=False)
 
 
 @cli.command()
@@ -389,6 +391,12 @@ def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort
     if web:
         out.print(f"serve it: python -m http.server -d {out_dir}, then open http://localhost:8000/", highlight=False,
                   soft_wrap=True)
+
+
+def _shown(value: object) -> str:
+    """Text from a recipe, a plugin or a file name, ready for rich: control characters escaped (no terminal escape
+    sequence, such as clear-screen or a window title, reaches the screen) and markup escaped (shown as written)."""
+    return escape(printable(str(value)))
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:

@@ -22,7 +22,9 @@ class TrainConfig(Section):
     # A wall-clock budget besides steps: training stops once this many seconds were spent in training steps
     # (evaluation and checkpoints not counted). The LR schedule still spans train.steps.
     max_seconds: float | None = Field(None, gt=0)
-    grad_accum: int = Field(1, ge=1)
+    # Bounded: a step is one optimiser update, and past ~1000 micro-batches a larger batch_size says the same thing
+    # while a typo (1e9) would make step 1 last for ever.
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches accumulated into one optimiser step")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)

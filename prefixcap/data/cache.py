@@ -9,9 +9,10 @@ read back a row at a time.
 Memory stays flat at any dataset size. A shard is written as it is encoded, straight to its file (the safetensors
 layout, so any safetensors reader opens it), and rows are read back with positioned reads of their own bytes rather
 than through a memory map, whose touched pages would count against the process until it ended. A killed build
-leaves whole shards (each is renamed into place when complete) and the next build starts after the last of them; a
-second process that wants the same cache waits for the builder's lock and then reads what it wrote. Features are
-stored in fp16 by default: half the disk and I/O of fp32, and well inside the precision a connector trains at.
+leaves whole shards (each is renamed into place when complete) and the next build starts after the last of them,
+removing the killed builder's temporary; a second process that wants the same cache waits for the builder's lock
+and then reads what it wrote. Features are stored in fp16 by default: half the disk and I/O of fp32, and well inside
+the precision a connector trains at.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from prefixcap.data.rows import prefixcap_cache
 from prefixcap.errors import PrefixcapError
-from prefixcap.files import write_atomic
+from prefixcap.files import is_temporary, sweep_temporaries, write_atomic
 from prefixcap.interfaces import Encoder, Rows
 
 FORMAT = "features-1"  # in every key: a new layout never reads an old one
@@ -138,15 +140,31 @@ def _open_shard(path: Path, shape: tuple[int, int], dtype: torch.dtype, rows: in
 # --- the cache ------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Promise:
+    """What a cache key stands for: so many rows of features of this shape and dtype. A cache that holds anything
+    else (another build's files, a hand-edited done.json) is not that cache, however well it loads."""
+
+    rows: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+
 class FeatureCache:
     """A complete cache: ``read(rows)`` gives the features of those rows of the split as float32 (B, N, D)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, promise: Promise | None = None):
         self.directory = directory
         try:
             done = json.loads((directory / "done.json").read_text())
             self.rows, self.rows_per_shard = int(done["rows"]), int(done["rows_per_shard"])
             self.shape, self.dtype = (int(done["shape"][0]), int(done["shape"][1])), DTYPES[done["dtype"]]
+            if self.rows_per_shard < 1:
+                raise ValueError(f"rows_per_shard {self.rows_per_shard}")
+            if promise is not None and promise != Promise(self.rows, self.shape, self.dtype):
+                raise CacheError(f"{directory}: does not hold what its key promises ({self.rows} rows of "
+                                 f"{list(self.shape)} {done['dtype']}, not {promise.rows} rows of "
+                                 f"{list(promise.shape)} {_name(promise.dtype)})")  # fmt: skip
             self.shards = [_open_shard(directory / _shard_name(s), self.shape, self.dtype, self._shard_rows(s))
                            for s in range(_shards(self.rows, self.rows_per_shard))]  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -194,6 +212,10 @@ class FeatureCache:
         return {**self.__dict__, "_fds": {}}
 
 
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def _shard_name(s: int) -> str:
     return f"shard-{s:05d}.safetensors"
 
@@ -231,22 +253,30 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
     (row, pixels or None) in row order (DataLoader workers decode them); ``encode`` runs the encoder on a batch.
     OSError (a full or read-only disk) is the caller's to handle: the run goes on without a cache."""
     directory = (root or cache_root()) / key
+    lock = directory.with_name(f"{key}.lock")
     torch_dtype = DTYPES[dtype]
+    promise = Promise(len(rows), shape, torch_dtype)
     started = time.perf_counter()
 
-    def complete() -> tuple[FeatureCache, BuildReport] | None:
+    def complete(warn: bool = False) -> tuple[FeatureCache, BuildReport] | None:
         try:
-            cache = FeatureCache(directory)
-        except CacheError:
+            cache = FeatureCache(directory, promise)
+        except CacheError as e:
+            if warn and (directory / "done.json").exists():  # complete, but damaged or not this key's cache
+                warnings.warn(f"{e}; rebuilding it", stacklevel=3)
             return None
         return cache, BuildReport(directory, dtype, cache.rows, 0, time.perf_counter() - started, cache.nbytes())
 
-    if found := complete():
+    if found := complete(warn=True):
+        _sweep_if_idle(directory, lock)
         return found
     directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory.with_name(f"{key}.lock")):
+    with _locked(lock) as exclusive:
         if found := complete():  # another process finished it while this one waited
             return found
+        if exclusive:  # no live builder: a temporary here is what a killed one was writing
+            sweep_temporaries(directory)
+        (directory / "done.json").unlink(missing_ok=True)  # it vouches for files that are not this key's
         n = len(rows)
         per = max(1, SHARD_BYTES // (shape[0] * shape[1] * torch_dtype.itemsize))
         encoded = done_rows = 0
@@ -259,7 +289,9 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
                 if progress:
                     progress(done_rows, n)
                 continue  # written by a build that was stopped later: resume after it
-            except CacheError:
+            except CacheError as e:
+                if path.exists():
+                    warnings.warn(f"{e}; encoding its images again", stacklevel=2)
                 path.unlink(missing_ok=True)
             writer = _ShardWriter(path, len(span), shape, torch_dtype)
             try:
@@ -277,20 +309,36 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
             encoded += len(span)
         meta = {"rows": n, "rows_per_shard": per, "shape": list(shape), "dtype": dtype, "format": FORMAT}
         write_atomic(directory / "done.json", json.dumps(meta) + "\n")
-    cache = FeatureCache(directory)
+    cache = FeatureCache(directory, promise)
     return cache, BuildReport(directory, dtype, n, encoded, time.perf_counter() - started, cache.nbytes())
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> Iterator[bool]:
+    """Hold the build lock; yields whether it is really exclusive (False where the platform has no locks)."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; two builders then write identical shards, renamed atomically
-        yield
+        yield False
         return
     with path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sweep_if_idle(directory: Path, lock_path: Path) -> None:
+    """Remove temporaries killed builders left in a complete cache, when no builder holds its lock (a live one's
+    temporary is its work in progress). Best effort: a read-only cache is still read."""
+    if not any(is_temporary(p.name) for p in directory.iterdir()):
+        return  # the usual case, without creating a lock file
+    try:
+        import fcntl
+
+        with lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            sweep_temporaries(directory)
+    except (ImportError, OSError):  # no locks here, a builder at work, or a cache we may not write
+        pass

@@ -18,5 +18,6 @@ class RunInterrupted(RunError):
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum  # what a shell reports for a process that signal ended
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
-                         "written: run the same command again to resume")  # fmt: skip
+        then = (f"checkpoint {checkpoint} written: run the same command again to resume" if checkpoint else
+                "no checkpoint yet: run the same command again to start over")  # fmt: skip
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; {then}")

@@ -39,10 +39,24 @@ def resolve_run_dir(recipe: Recipe, given: str | Path | None) -> Path:
         raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r}: the only placeholder is "
                        f"{{recipe}} ({summary(e)})") from None  # fmt: skip
     from_file = recipe.source != "<dict>" and ("output", "dir") not in recipe._overridden
-    if from_file and (path.is_absolute() or ".." in path.parts):
-        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r} leaves the working directory; a "
-                       "recipe writes only below it unless you choose the place: --out DIR or --set output.dir=DIR")
+    if not from_file:
+        return path
+    outside = path.is_absolute() or ".." in path.parts
+    resolved = None if outside else _resolved_outside(path)
+    if outside or resolved is not None:
+        where = f" (it resolves to {resolved})" if resolved is not None else ""
+        raise RunError(f"{recipe.location(('output', 'dir'))}: output.dir {raw!r} leaves the working directory"
+                       f"{where}; a recipe writes only below it unless you choose the place: --out DIR or --set "
+                       "output.dir=DIR")  # fmt: skip
     return path
+
+
+def _resolved_outside(path: Path) -> Path | None:
+    """Where a relative ``path`` really leads, if that is outside the working directory (else None). Its text alone
+    says nothing: a symlink on the way (runs/ -> /elsewhere) sends every write to the link's target."""
+    here = Path.cwd().resolve()
+    there = (here / path).resolve()
+    return None if there.is_relative_to(here) else there
 
 
 # What a run writes at the top of its directory; --fresh removes these and nothing else.
@@ -109,9 +123,12 @@ def lock_run_dir(run_dir: Path) -> IO[str] | None:
         lock.close()
         raise RunError(f"run directory {run_dir} is in use by another prefixcap run (pid {holder}): wait for it to "
                        "end, or choose another --out") from None  # fmt: skip
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    try:  # the pid only names the holder for the refusal above, but a disk too full for it is full for the run
+        os.ftruncate(lock.fileno(), 0)
+        os.write(lock.fileno(), str(os.getpid()).encode())  # unbuffered: a failed write leaves nothing for close()
+    except OSError as e:
+        lock.close()
+        raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
     return lock
 
 

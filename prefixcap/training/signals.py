@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
 def signals_end_the_step(received: list[int]) -> Iterator[None]:
     """While the block runs, SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's pre-emption notice) are recorded in
-    ``received[0]`` for the training loop to act on after its step. The first one restores the previous handlers, so
+    ``received[0]`` for the training loop to act on after its step (or, in a step accumulated over many
+    micro-batches, between them: that step is then dropped). The first one restores the previous handlers, so
     a second signal stops a run that is stuck the usual way."""
     received[0] = 0
     if threading.current_thread() is not threading.main_thread():
@@ -26,6 +27,32 @@ def signals_end_the_step(received: list[int]) -> Iterator[None]:
     def handler(signum, frame) -> None:
         received[0] = signum
         restore()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def signals_raise(error: Callable[[int], BaseException]) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise ``error(signum)`` at once: for work that has no step to end
+    after (the final evaluation), where the default would be a KeyboardInterrupt ("Aborted!", exit 1) or a silent
+    death. The handlers are restored first, so a second signal acts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def handler(signum, frame) -> None:
+        restore()
+        raise error(signum)
 
     for s in previous:
         signal.signal(s, handler)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from prefixcap.compose import compose
@@ -34,9 +35,16 @@ from prefixcap.training.evaluate import evaluate, items_batch, load_scorer, to_d
 from prefixcap.training.optim import make_optimizer
 from prefixcap.training.events import Evaluated, Stepped, Stopped
 from prefixcap.training.rundir import latest_checkpoint, write_jsonl
-from prefixcap.training.signals import signals_end_the_step
+from prefixcap.training.signals import signals_end_the_step, signals_raise
 
 Report = Callable[[Any], None]
+
+
+class StepAbandoned(Exception):
+    """A signal came between the micro-batches of a step: the step was dropped, the weights are the last step's."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
 
 
 def tensorboard_installed() -> bool:
@@ -171,7 +179,11 @@ class Run:
         t = self.recipe.train
         self.model.train()
         total, data_s, started = 0.0, 0.0, time.perf_counter()
-        for _ in range(t.grad_accum):
+        rng = torch.get_rng_state()
+        for micro in range(t.grad_accum):
+            if micro and (signum := self.signal_received()):  # a long accumulated step still ends promptly
+                self.abandon_step(rng)
+                raise StepAbandoned(signum)
             tic = time.perf_counter()
             batch = self.micro_batch()
             data_s += time.perf_counter() - tic
@@ -205,6 +217,19 @@ class Run:
         self.step_times.append((data_s, elapsed - data_s))
         self.train_seconds += elapsed
         return total
+
+    def abandon_step(self, rng: Tensor) -> None:
+        """Undo what a step that will not finish did: its accumulated gradients, and the random numbers it drew
+        (dropout), so that a checkpoint now is the last complete step's exactly."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+
+    def interrupted_mid_step(self, signum: int) -> RunInterrupted:
+        """Checkpoint the last complete step (unless it is saved, or none was taken) and say how the run ended."""
+        last = latest_checkpoint(self.run_dir)
+        if self.main and self.step and (last is None or last.name != f"step-{self.step:07d}"):
+            self.save_checkpoint()
+        return RunInterrupted(signum, self.step, latest_checkpoint(self.run_dir))
 
     def evaluate(self, split: CaptionSet) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = evaluate(self.system, self.source, split, self.recipe, self.scorer)
@@ -259,7 +284,10 @@ class Run:
                 stack.callback(tensorboard.close)
             stack.enter_context(signals_end_the_step(self._signal))
             while not self.done():
-                loss = self.train_step()
+                try:
+                    loss = self.train_step()
+                except StepAbandoned as e:
+                    raise self.interrupted_mid_step(e.signum) from None
                 seen += t.batch_size * t.grad_accum
                 last = self.step == t.steps or self.out_of_time()
                 lr = self.scheduler.get_last_lr()[0]
@@ -301,6 +329,18 @@ class Run:
                 if stop_after is not None and self.step >= stop_after:
                     break
 
+    def write_results(self, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        """final/, metrics.json, samples.jsonl and the curves; a full disk is reported like a checkpoint's."""
+        writes = [(self.run_dir / "final", lambda path: save_system(self.system, path)),
+                  (self.run_dir / "metrics.json", lambda path: write_atomic(path, json.dumps(metrics, indent=2) + "\n")),
+                  (self.run_dir / "samples.jsonl", lambda path: write_jsonl(path, samples)),
+                  (self.run_dir / "curves.png", lambda path: plot_curves(self.history, path, self.headline))]  # fmt: skip
+        for path, write in writes:
+            try:
+                write(path)
+            except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+                raise state.write_failed(self, str(path), e) from e
+
     def tensorboard_writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -309,17 +349,16 @@ class Run:
 
     def finish(self) -> dict[str, float]:
         """Evaluate on the held-out split and write final/, metrics.json, samples.jsonl and the curves."""
-        test = index_split(self.source, "test", self.recipe.eval.max_examples)
-        split = test if len(test) else self.val_split
-        metrics, samples = self.evaluate(split)
-        metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
-        skipped = sum(s.skipped + len(s.broken) for s in (self.train_split, self.val_split, test))
-        metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
-                        "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
-        if self.main:
-            save_system(self.system, self.run_dir / "final")
-            write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-            write_jsonl(self.run_dir / "samples.jsonl", samples)
-            plot_curves(self.history, self.run_dir / "curves.png", self.headline)
+        # Nothing here ends after a step: a signal ends it at once, and the last step's checkpoint is resumed from.
+        with signals_raise(lambda signum: RunInterrupted(signum, self.step, latest_checkpoint(self.run_dir))):
+            test = index_split(self.source, "test", self.recipe.eval.max_examples)
+            split = test if len(test) else self.val_split
+            metrics, samples = self.evaluate(split)
+            metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
+            skipped = sum(s.skipped + len(s.broken) for s in (self.train_split, self.val_split, test))
+            metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
+                            "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
+            if self.main:
+                self.write_results(metrics, samples)
         self.accelerator.wait_for_everyone()  # so that every process returns with the run directory complete
         return metrics

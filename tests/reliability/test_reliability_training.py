@@ -201,7 +201,7 @@ def test_a_read_only_run_directory_is_refused_before_training_and_its_checkpoint
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(tmp_path, env):
     disk = tmp_path / "disk"
     disk.mkdir()
-    run_dir = disk / "run"
+    run_dir, empty_dir = disk / "run", disk / "empty"
     script = f"""
         import os
         from pathlib import Path
@@ -209,12 +209,13 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
 
         overrides = {[*SMALL, "train.steps=8"]!r}
         run("quickstart", overrides, run_dir={str(run_dir)!r}, stop_after=3, report=lambda row: None)
-        def attempt():
+        def attempt(directory={str(run_dir)!r}):
             try:
-                run("quickstart", overrides, run_dir={str(run_dir)!r}, report=lambda row: None)
+                run("quickstart", overrides, run_dir=directory, report=lambda row: None)
             except RunError as e:
                 print("RunError:", e)
 
+        os.mkdir({str(empty_dir)!r})  # made while there is room: its .lock must be written on the full disk
         with open({str(disk / "filler")!r}, "wb", buffering=0) as f:  # the 64 MiB disk, to the last byte
             try:
                 while True:
@@ -222,6 +223,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
             except OSError as e:
                 print("filled:", e.strerror)
             attempt()  # refused before training
+            attempt({str(empty_dir)!r})  # likewise, with no .lock there yet
             f.truncate(f.tell() - 64_000)  # room for the logs, not for a checkpoint
             attempt()  # step 4's checkpoint cannot be written
         os.remove({str(disk / "filler")!r})
@@ -233,8 +235,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "filled: No space left on device" in lines
-    full, error = [line for line in lines if line.startswith("RunError:")]
+    full, empty, error = [line for line in lines if line.startswith("RunError:")]
     assert f"run directory {run_dir} is not writable: No space left on device" in full
+    assert f"run directory {empty_dir} is not writable: No space left on device" in empty
     assert "cannot write checkpoint" in error and "step-0000004" in error and "No space left on device" in error
     assert "the previous checkpoint" in error and "step-0000003) is intact" in error
     assert "latest: step-0000003" in lines  # the failed step-4 left nothing where a checkpoint is looked for
