@@ -27,7 +27,7 @@ import torch
 from prefixcap import checkpoints
 from prefixcap.errors import SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
-from prefixcap.weights import PICKLE_WEIGHTS, check_adapter
+from prefixcap.weights import PICKLE_WEIGHTS, trained_names
 
 FORMAT = "prefixcap-system/1"
 
@@ -130,12 +130,6 @@ def _listed_files(directory: Path, files: Any) -> dict[str, list[str]]:
     return files
 
 
-def _trains_something(part: Any) -> bool:
-    """Whether a part of a built system saved weights: one that trains nothing wrote no file, and needs none."""
-    trained = getattr(part, "trained_state", None)
-    return callable(trained) and bool(trained())
-
-
 def _check_trained_parts(directory: Path, system: Any, files: dict[str, list[str]]) -> None:
     """Every part that trains something has its weights listed (and so present): a manifest that lists none would
     otherwise serve random weights as a trained model."""
@@ -145,7 +139,7 @@ def _check_trained_parts(directory: Path, system: Any, files: dict[str, list[str
         raise SavedSystemError(f"{directory}: the manifest lists files for {', '.join(unknown)}, which its recipe "
                                f"has no part for")  # fmt: skip
     for slot, part in parts.items():
-        if _trains_something(part) and not any(name.endswith(".safetensors") for name in files.get(slot, [])):
+        if trained_names(part) and not any(name.endswith(".safetensors") for name in files.get(slot, [])):
             raise SavedSystemError(f"{directory}: the manifest lists no weights for {slot}, which its recipe trains; "
                                    "the saved system is incomplete")
 
@@ -165,9 +159,6 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
     if not isinstance(manifest.get("recipe"), dict):
         raise SavedSystemError(f"{directory / 'manifest.json'}: no recipe to rebuild the system from")
     files = _listed_files(directory, manifest.get("files", {}))
-    for slot, names in files.items():
-        if "adapter_model.safetensors" in names:  # read by peft's loader, which checks no values
-            check_adapter(directory / slot / "adapter_model.safetensors")
     system = compose(manifest["recipe"])
     _check_trained_parts(directory, system, files)
     system.load_trained(directory)

@@ -66,9 +66,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _expected(module: nn.Module) -> set[str]:
+def trained_names(module: nn.Module) -> set[str]:
     """The tensors a saved ``module`` must provide: what it trains (a Component's trained_state, which for one built
-    from random initialisation is all of it)."""
+    from random initialisation is all of it). Empty for a part that trains nothing, which saves no file."""
     trained = getattr(module, "trained_state", None)
     return set(trained() if callable(trained) else module_state(module))
 
@@ -95,7 +95,7 @@ def load_into(module: nn.Module, path: Path) -> None:
         name = foreign[0]
         raise SavedSystemError(f"{path}: tensor {name} holds {_dtype_name(state[name].dtype)} values where this {cls} "
                                f"has {_dtype_name(own[name].dtype)} ones")  # fmt: skip
-    expected = _expected(module)
+    expected = trained_names(module)
     missing = sorted(expected - set(state))
     if missing:  # they would keep their random initialisation
         raise SavedSystemError(f"{path}: tensors {missing[:5]} are missing ({len(missing)} of the {len(expected)} "
@@ -103,12 +103,15 @@ def load_into(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=False)
 
 
-def check_adapter(path: Path) -> None:
-    """A peft adapter (read by the decoder with peft's own loader) holds trained LoRA matrices only: finite floats."""
-    for name, tensor in read_tensors(path).items():
+def read_adapter(path: Path) -> dict[str, Tensor]:
+    """A peft adapter's tensors, for peft's own loader (which checks no values): trained LoRA matrices only, so finite
+    floats."""
+    state = read_tensors(path)
+    for name, tensor in state.items():
         if not tensor.is_floating_point():
             raise SavedSystemError(f"{path}: tensor {name} holds {_dtype_name(tensor.dtype)} values; an adapter's "
                                    "weights are floating point")  # fmt: skip
+    return state
 
 
 def refuse_pickle_weights(checkpoint: str | None, *, beside_safetensors_ok: bool = False) -> None:

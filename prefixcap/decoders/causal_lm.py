@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -16,9 +15,9 @@ from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoding import greedy
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
-from prefixcap.errors import CompositionError, SavedSystemError, summary
+from prefixcap.errors import CompositionError, SavedSystemError
 from prefixcap.interfaces import Decoder
-from prefixcap.weights import refuse_pickle_weights
+from prefixcap.weights import read_adapter, refuse_pickle_weights
 from prefixcap.config import GenerateConfig
 
 # Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
@@ -198,11 +197,7 @@ class CausalLMDecoder(Decoder):
             raise SavedSystemError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")
         from peft import set_peft_model_state_dict
 
-        try:
-            state = load_file(str(adapter))
-        except Exception as e:  # safetensors raises its own error types for truncated, corrupt or foreign files
-            raise SavedSystemError(f"{adapter}: unreadable safetensors file: {summary(e)}") from e
-        result = set_peft_model_state_dict(self.model, state)
+        result = set_peft_model_state_dict(self.model, read_adapter(adapter))
         if result.unexpected_keys:
             raise SavedSystemError(f"{adapter}: tensors {result.unexpected_keys[:5]} do not fit this decoder")
 
