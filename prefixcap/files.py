@@ -55,26 +55,18 @@ def publish_dir(tmp: Path, directory: Path) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_atomic(path, newline=None) as f:
+        f.write(text)
 
 
 @contextlib.contextmanager
-def open_atomic(path: Path) -> Iterator[TextIO]:
-    """``write_atomic`` for a file written as it goes: a UTF-8 text stream to a temporary beside ``path``, renamed
-    over ``path`` when the block ends, or removed (and ``path`` left as it was) when it raises. Writers of the same
-    ``path`` in other processes each get their own temporary: the last to finish wins, whole."""
+def open_atomic(path: Path, newline: str | None = "") -> Iterator[TextIO]:
+    """A UTF-8 text stream to a temporary beside ``path``, fsynced and renamed over ``path`` when the block ends, or
+    removed (and ``path`` left as it was) when it raises. Writers of the same ``path`` in other processes each get
+    their own temporary: the last to finish wins, whole. ``newline`` as for ``open`` ("": written as given, which
+    csv needs)."""
     tmp = temporary_sibling(path)
-    stream = open(tmp, "w", encoding="utf-8", newline="")
+    stream = open(tmp, "w", encoding="utf-8", newline=newline)
     try:
         with stream:
             yield stream

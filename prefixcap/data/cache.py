@@ -314,15 +314,17 @@ def load_or_build(key: str, rows: Rows, shape: tuple[int, int], dtype: str, enco
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[bool]:
-    """Hold the build lock; yields whether it is really exclusive (False where the platform has no locks)."""
+def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the build lock; yields whether it is really exclusive (False where the platform has no locks). With
+    ``wait=False``, a lock another process holds raises BlockingIOError instead of being waited for."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; two builders then write identical shards, renamed atomically
         yield False
         return
     with path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete
+        # a second builder waits here, then finds the cache complete
+        fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield True
         finally:
@@ -335,10 +337,8 @@ def _sweep_if_idle(directory: Path, lock_path: Path) -> None:
     if not any(is_temporary(p.name) for p in directory.iterdir()):
         return  # the usual case, without creating a lock file
     try:
-        import fcntl
-
-        with lock_path.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            sweep_temporaries(directory)
-    except (ImportError, OSError):  # no locks here, a builder at work, or a cache we may not write
+        with _locked(lock_path, wait=False) as exclusive:
+            if exclusive:
+                sweep_temporaries(directory)
+    except OSError:  # a builder at work, or a cache we may not write
         pass
