@@ -180,12 +180,7 @@ def test_a_full_disk_while_writing_final_is_a_clear_error_and_the_run_resumes(tm
         overrides = {[*SMALL, "train.steps=2"]!r}
         with start("quickstart", overrides, run_dir={str(run_dir)!r}, report=lambda row: None) as trainer:
             trainer.fit(report=lambda row: None)  # its last checkpoint is written
-            with open({str(disk / "filler")!r}, "wb", buffering=0) as f:  # the 64 MiB disk, to the last byte
-                try:
-                    while True:
-                        f.write(b"x" * 4096)
-                except OSError as e:
-                    print("filled:", e.strerror)
+            with filled_disk({str(disk / "filler")!r}):
                 try:
                     trainer.finish()
                 except RunError as e:

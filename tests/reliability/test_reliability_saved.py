@@ -216,12 +216,7 @@ def test_an_export_onto_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(
     prefixcap_exe = str(Path(sys.executable).with_name("prefixcap"))
     script = f"""
         import os, subprocess
-        with open({str(disk / "filler")!r}, "wb", buffering=0) as f:  # the 64 MiB disk, to the last byte
-            try:
-                while True:
-                    f.write(b"x" * 4096)
-            except OSError as e:
-                print("filled:", e.strerror)
+        with filled_disk({str(disk / "filler")!r}) as f:
             f.truncate(f.tell() - 256_000)  # room for part of a graph, not for all of them
             done = subprocess.run([{prefixcap_exe!r}, "export", {str(saved)!r}, "--out", {str(out)!r}],
                                   capture_output=True, text=True, timeout=240)

@@ -156,15 +156,33 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert [p.name for p in (tmp_path / "inf" / "checkpoints").iterdir()] == ["step-0000001"]
 
 
+# Defined for every confined script: the tmpfs filled to the last byte, by a file the block may shrink to make room.
+FILLED_DISK = """
+import contextlib
+
+
+@contextlib.contextmanager
+def filled_disk(path):
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError as e:
+            print("filled:", e.strerror)
+        yield f
+"""
+
+
 def confined(script: str, mount: str, directory: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run a Python ``script`` with ``directory`` really mounted read-only (mount="ro") or as a 64 MiB disk
-    (mount="tmpfs"), in a private mount namespace (unshare -m) that ends with the script.
+    (mount="tmpfs"), in a private mount namespace (unshare -m) that ends with the script. The script may call
+    ``filled_disk(path)`` (``FILLED_DISK``).
 
     Root (CI) makes the namespace directly. Another user makes it inside a user namespace of its own (unshare -r),
     where it may mount too, so both get the same file systems and the same errors. A file mode or a file-size limit
     would only imitate them (root ignores a mode; a size limit fails every write, not only those a full disk has no
     room for). A machine that allows neither cannot run these tests, and they fail saying so."""
-    code = [sys.executable, "-c", textwrap.dedent(script)]
+    code = [sys.executable, "-c", FILLED_DISK + textwrap.dedent(script)]
     mounts = {"ro": f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory}",
               "tmpfs": f"mount -t tmpfs -o size=64m tmpfs {directory}"}  # fmt: skip
     shell = f"{mounts[mount]} && exec \"$@\""
@@ -216,12 +234,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
                 print("RunError:", e)
 
         os.mkdir({str(empty_dir)!r})  # made while there is room: its .lock must be written on the full disk
-        with open({str(disk / "filler")!r}, "wb", buffering=0) as f:  # the 64 MiB disk, to the last byte
-            try:
-                while True:
-                    f.write(b"x" * 4096)
-            except OSError as e:
-                print("filled:", e.strerror)
+        with filled_disk({str(disk / "filler")!r}) as f:
             attempt()  # refused before training
             attempt({str(empty_dir)!r})  # likewise, with no .lock there yet
             f.truncate(f.tell() - 64_000)  # room for the logs, not for a checkpoint
