@@ -1,5 +1,6 @@
 """Data-parallel training: `torchrun --nproc_per_node 2 -m prefixcap run` (gloo on the CPU) trains as one process does
-on the same global batch, writes the run directory once, and resumes. Real launches, as a user would start them."""
+on the same global batch, writes the run directory once, and resumes; `accelerate launch` does the same. Real
+launches, as a user would start them."""
 
 from __future__ import annotations
 
@@ -45,21 +46,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*command: str, cache: Path, processes: int = 1) -> subprocess.CompletedProcess:
-    """``python [-m torch.distributed.run ...] command`` with the test suite's environment, on the CPU."""
+def launch(*command: str, cache: Path, processes: int = 1, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """``python [-m torch.distributed.run ...] command`` (or ``accelerate launch``) with the test suite's environment,
+    on the CPU."""
     port = free_port()
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                "--master_port", str(port)]  # fmt: skip
+    if launcher == "accelerate":  # every setting given, so accelerate neither asks nor warns about a missing config;
+        # bf16 as a user's `accelerate config` might say: the recipe's train.precision (fp32) must still decide
+        launcher_args = ["-m", "accelerate.commands.launch", "--cpu", "--num_machines", "1", "--num_processes",
+                         str(processes), "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_ip",
+                         "127.0.0.1", "--main_process_port", str(port)]  # fmt: skip
+    else:
+        launcher_args = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                         "127.0.0.1", "--master_port", str(port)]  # fmt: skip
     env = {**os.environ, "PREFIXCAP_LOAD_PLUGINS": "", "HF_HUB_OFFLINE": "1", "PREFIXCAP_CACHE": str(cache),
            "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # fmt: skip
-    argv = [sys.executable, *(torchrun if processes > 1 else []), *command]
+    argv = [sys.executable, *(launcher_args if processes > 1 else []), *command]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
 
 
-def train(run_dir: Path, cache: Path, processes: int = 1) -> subprocess.CompletedProcess:
+def train(run_dir: Path, cache: Path, processes: int = 1, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     sets = [a for arg in ARGS for a in ("--set", arg)]
     result = launch("-m", "prefixcap", "run", "quickstart", *sets, "--out", str(run_dir), cache=cache,
-                    processes=processes)  # fmt: skip
+                    processes=processes, launcher=launcher)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -99,9 +107,10 @@ def single(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_two_processes_train_as_one_on_the_same_global_batch(single, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_train_as_one_on_the_same_global_batch(single, tmp_path, launcher):
     run_dir = tmp_path / "run"
-    result = train(run_dir, tmp_path / "cache", processes=2)
+    result = train(run_dir, tmp_path / "cache", processes=2, launcher=launcher)
     assert_same_run(single, run_dir)
     # one process wrote the run directory and reported the run: each step once, one set of checkpoints
     assert steps(run_dir) == list(range(1, 25))

@@ -70,8 +70,9 @@ class Run:
                            "output.tensorboard: false")  # fmt: skip
         # accelerate keeps one process-wide mixed-precision setting that cannot change once set, so a second run
         # with another precision in the same process (a notebook, `prefixcap bench`) would fail. Autocast is
-        # applied here instead; accelerate still places the model, wraps it for DDP and handles accumulation.
-        self.accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=on_cpu())
+        # applied here instead; accelerate still places the model, wraps it for DDP and handles accumulation. "no" is
+        # said outright: unset, accelerate takes it from `accelerate config`, and the recipe would not decide alone.
+        self.accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=on_cpu(), mixed_precision="no")
         self.main = self.accelerator.is_main_process
         if launched_processes() > 1 and self.accelerator.num_processes == 1:
             raise RunError(f"launched as {launched_processes()} processes, but accelerate cannot join them on "
