@@ -3,13 +3,17 @@
 ``module_state`` picks what a component trained (or, for one built from random initialisation, all of it);
 ``save_tensors`` writes it, ``load_into`` reads it back onto a built component and checks that the file holds every
 tensor the component trained, each landing on a parameter of the same shape and kind (float or integer), with finite
-values. ``refuse_pickle_weights`` stops a component from reading base weights a pickle could hide code in: loading a
+values. ``save_transformers`` writes a transformers model as the folder its ``from_pretrained`` reads, and
+``transformers_names`` says what each tensor is called there, for ``load_into`` to read it back.
+``refuse_pickle_weights`` stops a component from reading base weights a pickle could hide code in: loading a
 pickle-based file can run whatever it names, so prefixcap reads none.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,12 +77,17 @@ def trained_names(module: nn.Module) -> set[str]:
     return set(trained() if callable(trained) else module_state(module))
 
 
-def load_into(module: nn.Module, path: Path) -> None:
+def load_into(module: nn.Module, path: Path, names: dict[str, str] | None = None,
+              expected: Iterable[str] | None = None) -> None:  # fmt: skip
     """Load a safetensors file into ``module``: every saved tensor must land on a parameter of the same shape and
     kind, and every tensor the module trains must be there (strict loading would also ask for frozen base weights,
-    which the file rightly leaves out)."""
+    which the file rightly leaves out). ``names``: the file's name for each of the module's tensors, where the file
+    names them its own way (a transformers checkpoint inside a component); errors then use the file's names.
+    ``expected``: the module's tensors the file must hold, if not what the module trains."""
     state = read_tensors(path)
-    own = module.state_dict()
+    everything = module.state_dict()
+    names = names if names is not None else {name: name for name in everything}
+    own = {names[k]: v for k, v in everything.items() if k in names}
     cls = type(module).__name__
     unknown = sorted(set(state) - set(own))
     if unknown:
@@ -95,12 +104,48 @@ def load_into(module: nn.Module, path: Path) -> None:
         name = foreign[0]
         raise SavedSystemError(f"{path}: tensor {name} holds {_dtype_name(state[name].dtype)} values where this {cls} "
                                f"has {_dtype_name(own[name].dtype)} ones")  # fmt: skip
-    expected = trained_names(module)
-    missing = sorted(expected - set(state))
+    needed = {names[k] for k in (trained_names(module) if expected is None else expected) if k in names}
+    missing = sorted(needed - set(state))
     if missing:  # they would keep their random initialisation
-        raise SavedSystemError(f"{path}: tensors {missing[:5]} are missing ({len(missing)} of the {len(expected)} "
-                               f"this {cls} trains)")  # fmt: skip
-    module.load_state_dict(state, strict=False)
+        raise SavedSystemError(f"{path}: tensors {missing[:5]} are missing ({len(missing)} of the {len(needed)} "
+                               f"this {cls} {'trains' if expected is None else 'needs'})")  # fmt: skip
+    inside = {file: name for name, file in names.items()}
+    module.load_state_dict({inside[k]: v for k, v in state.items()}, strict=False)
+
+
+def transformers_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, str]:
+    """The name ``model.save_pretrained`` gives each tensor of ``state`` (``model``'s own, by their names in it):
+    transformers 5 writes some architectures under the hub's older names (ViT's ``layer.0.attention.attention.query``
+    for ``layers.0.attention.q_proj``), and renames them back as it loads them."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 writes every tensor under its own name
+        return {name: name for name in state}
+    saved = revert_weight_conversion(model, dict(state))
+    inside = {id(tensor): name for name, tensor in state.items()}
+    names = {inside[id(tensor)]: name for name, tensor in saved.items() if id(tensor) in inside}
+    if len(names) != len(state):  # a converter built new tensors (fused experts, say): no name maps to one of ours
+        raise SavedSystemError(f"a {type(model).__name__} is saved with some of its tensors converted, not only "
+                               "renamed; prefixcap cannot save it in transformers' format")  # fmt: skip
+    return names
+
+
+def save_transformers(model: Any, state: dict[str, Tensor], directory: Path) -> list[str]:
+    """``state`` (tensors of the transformers ``model``, by their names in it) as the folder ``from_pretrained``
+    reads: config.json, generation_config.json and model.safetensors, what ``save_pretrained`` writes, under the names
+    it gives them (``transformers_names``). Written here rather than by save_pretrained, which shows a progress bar at
+    every checkpoint of a run and may shard the weights; returns the file names."""
+    names = transformers_names(model, state)
+    save_tensors({names[k]: v for k, v in state.items()}, directory / "model.safetensors")
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = str(model.dtype).removeprefix("torch.")  # from_pretrained loads in this dtype by default
+    config.save_pretrained(directory)
+    written = ["config.json", "model.safetensors"]
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+        written.append("generation_config.json")
+    return written
 
 
 def read_adapter(path: Path) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +18,8 @@ from prefixcap.decoding import greedy
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError, SavedSystemError
 from prefixcap.interfaces import Decoder
-from prefixcap.weights import read_adapter, refuse_pickle_weights
+from prefixcap.weights import (load_into, module_state, read_adapter, refuse_pickle_weights, save_transformers,
+                               trained_names, transformers_names)  # fmt: skip
 from prefixcap.config import GenerateConfig
 
 # Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
@@ -180,18 +182,73 @@ class CausalLMDecoder(Decoder):
             mask[i, : len(row)] = 1
         return input_ids, mask, labels
 
+    @property
+    def base_checkpoint(self) -> str | None:
+        """The base a saved adapter names (adapter_config.json's base_model_name_or_path): the checkpoint as the recipe
+        states it, a hub id or a local directory; None for a random base, which is saved whole beside the adapter."""
+        return None if self.options.checkpoint == TINY else self.options.checkpoint
+
+    def _base(self) -> nn.Module:
+        """The transformers model, under the LoRA layers if any."""
+        return self.model.get_base_model() if self.options.finetune == "lora" else self.model
+
+    def _base_names(self) -> dict[str, str]:
+        """The transformers model's tensors: name in this component -> name in the model (under LoRA, peft's wrapping
+        undone and LoRA's own tensors left out)."""
+        prefix = "model.base_model.model." if self.options.finetune == "lora" else "model."
+        names = {}
+        for name in self.state_dict():
+            parts = name.removeprefix(prefix).split(".")
+            if not any(part.startswith("lora_") for part in parts):
+                names[name] = ".".join(part for part in parts if part != "base_layer")
+        return names
+
     def save_trained(self, directory: Path) -> list[str]:
-        if self.options.finetune != "lora":
-            return super().save_trained(directory)
-        # LoRA is written in peft's own format, so the adapter loads with plain peft on top of the base model.
-        self.model.save_pretrained(str(directory), safe_serialization=True)
-        if self.random_init:  # a random base cannot be fetched again: keep all of it
-            super().save_trained(directory)
+        """The decoder as Hugging Face keeps one: a whole model (full fine-tuning, or a random base that cannot be
+        fetched again) in transformers' format, LoRA as a peft adapter, and the tokenizer, so that the folder loads
+        with plain transformers or peft."""
+        lora, whole = self.options.finetune == "lora", self.random_init or self.options.finetune == "full"
+        if not (lora or whole):
+            return super().save_trained(directory)  # frozen: nothing trained, the base is fetched again
+        directory.mkdir(parents=True, exist_ok=True)
+        if whole:
+            names = self._base_names()
+            state = module_state(self, everything=True)  # tied tensors once, as transformers saves them
+            save_transformers(self._base(), {names[k]: v for k, v in state.items() if k in names}, directory)
+        if lora:
+            self._save_adapter(directory)
+        if self._tokenizer is not None:
+            self._tokenizer.save_pretrained(directory)
         return sorted(p.name for p in directory.iterdir() if p.is_file())
 
+    def _save_adapter(self, directory: Path) -> None:
+        # peft would name as the base whatever directory the model came from (a plugin's local conversion of a GGUF,
+        # say) and no task; with the base the recipe names and CAUSAL_LM, PeftModel.from_pretrained gives a
+        # PeftModelForCausalLM and transformers' from_pretrained of the folder finds the base by itself. LoRA targets
+        # linear layers only, so the embeddings are the base's: saying so spares peft asking the hub at every save
+        # whether the base's vocabulary differs.
+        config = self.model.peft_config["default"]
+        saved = copy.copy(config)
+        saved.base_model_name_or_path, saved.task_type = self.base_checkpoint, "CAUSAL_LM"
+        self.model.peft_config["default"] = saved
+        try:
+            self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+        finally:
+            self.model.peft_config["default"] = config
+
     def load_trained(self, directory: Path) -> None:
-        if self.options.finetune != "lora" or (directory / "model.safetensors").exists():
+        lora = self.options.finetune == "lora"
+        if (directory / "config.json").exists():  # a transformers model: full fine-tuning, or a random base
+            inside, state = self._base_names(), self.state_dict()
+            on_disk = transformers_names(self._base(), {name: state[k] for k, name in inside.items()})
+            load_into(self, directory / "model.safetensors", {k: on_disk[name] for k, name in inside.items()},
+                      expected=trained_names(self) & set(inside))  # fmt: skip
+            if not lora:
+                return
+        elif not lora or (directory / "model.safetensors").exists():  # saved before issue 21, under this part's names
             return super().load_trained(directory)
+        elif self.random_init:  # the adapter alone would sit on a new random base
+            raise SavedSystemError(f"{directory}: no config.json and model.safetensors for this decoder's random base")
         adapter = directory / "adapter_model.safetensors"
         if not adapter.exists():
             raise SavedSystemError(f"{directory}: no adapter_model.safetensors for this LoRA decoder")

@@ -27,6 +27,7 @@ from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer,
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
 from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput
+from prefixcap.weights import load_into, module_state, save_transformers, transformers_names
 from prefixcap.config import GenerateConfig
 from prefixcap.systems import CrossAttnOptions
 
@@ -48,10 +49,12 @@ def tiny_gpt2(sizes: TinySizes | None) -> dict[str, Any]:
 # (the size comes from the model config): ViTImageProcessor and SiglipImageProcessor resize straight to size x size
 # and scale to [-1, 1]; CLIPImageProcessor resizes the short side, centre-crops and uses OpenAI's statistics. Other
 # families get ViT's. Resampling differs slightly: prefixcap resizes bicubic with antialiasing, ViT's is bilinear.
+# A saved pair names the family's processor class, set to what prefixcap does (VisionEncoder.transformers_processor).
 PREPROCESSING = {
-    "vit": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD),
-    "siglip_vision_model": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD),
-    "clip_vision_model": ("crop", constants.OPENAI_CLIP_MEAN, constants.OPENAI_CLIP_STD),
+    "vit": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD, "ViTImageProcessor"),
+    "siglip_vision_model": ("squash", constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD,
+                            "SiglipImageProcessor"),  # fmt: skip
+    "clip_vision_model": ("crop", constants.OPENAI_CLIP_MEAN, constants.OPENAI_CLIP_STD, "CLIPImageProcessor"),
 }
 
 
@@ -92,8 +95,26 @@ class VisionEncoder(Encoder):
 
     @property
     def image_processor(self) -> ImageProcessor:
-        resize, mean, std = PREPROCESSING.get(self.model.config.model_type, PREPROCESSING["vit"])
+        resize, mean, std, _ = PREPROCESSING.get(self.model.config.model_type, PREPROCESSING["vit"])
         return ImageProcessor(self.model.config.image_size, tuple(mean), tuple(std), resize=resize)
+
+    def transformers_processor(self) -> Any:
+        """The transformers image processor nearest to ``image_processor``: the same size, crop and statistics, and
+        bicubic resampling. It resizes 8-bit pixels where prefixcap resizes floats with antialiasing, so a resized
+        image differs by about one level in 255 (tests/test_hf_formats.py measures it); CLIP's crop can also fall one
+        pixel off prefixcap's, which rounds the resized edge where transformers truncates it."""
+        import transformers
+        from transformers.image_utils import PILImageResampling
+
+        ours, name = self.image_processor, PREPROCESSING.get(self.model.config.model_type, PREPROCESSING["vit"])[3]
+        square = {"height": ours.size, "width": ours.size}
+        sizes = {"size": square} if ours.resize == "squash" else {"size": {"shortest_edge": ours.size},
+                                                                   "crop_size": square}  # fmt: skip
+        return getattr(transformers, name)(**sizes, resample=PILImageResampling.BICUBIC, image_mean=list(ours.mean),
+                                           image_std=list(ours.std), do_convert_rgb=True)  # fmt: skip
+
+    def trained_state(self) -> dict[str, Tensor]:
+        return {}  # saved, and checked on loading, with the whole pair in the decoder's folder (CrossAttnDecoder)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
@@ -101,9 +122,14 @@ class VisionEncoder(Encoder):
 
 
 class CrossAttnDecoder(Component):
-    """A causal LM with cross-attention in every block (the GPT-2 family), and its tokenizer. All of it trains."""
+    """A causal LM with cross-attention in every block (the GPT-2 family), and its tokenizer. All of it trains.
+
+    Its folder of a saved system holds the whole pair as transformers keeps a VisionEncoderDecoderModel (config.json,
+    model.safetensors with the encoder's weights too, generation_config.json) with its image processor and tokenizer,
+    so that VisionEncoderDecoderModel.from_pretrained, AutoImageProcessor and AutoTokenizer load it as it is."""
 
     group_name = "decoder"
+    paired: tuple[VisionEncoderDecoderModel, VisionEncoder] | None = None  # set by CrossAttnSystem
 
     def __init__(self, checkpoint: str, *, lr: float | None, pretrained: bool, tiny: TinySizes | None = None):
         super().__init__()
@@ -156,6 +182,22 @@ class CrossAttnDecoder(Component):
             mask[i, : len(ids) + 1] = 1
         return input_ids, mask, labels
 
+    def save_trained(self, directory: Path) -> list[str]:
+        if self.paired is None:
+            return super().save_trained(directory)
+        pair, encoder = self.paired
+        files = save_transformers(pair, module_state(pair, everything=True), directory)
+        encoder.transformers_processor().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return sorted({*files, *(p.name for p in directory.iterdir() if p.is_file())})
+
+    def load_trained(self, directory: Path) -> None:
+        if self.paired is None or not (directory / "config.json").exists():  # saved before issue 21: this part alone
+            return super().load_trained(directory)
+        pair = self.paired[0]
+        load_into(pair, directory / "model.safetensors", transformers_names(pair, pair.state_dict()),
+                  expected=set(module_state(pair, everything=True)))  # fmt: skip
+
 
 class CrossAttnSystem(System):
     uses_components = False  # it builds its own encoder and decoder (see prefixcap/hookspecs.py)
@@ -187,10 +229,25 @@ class CrossAttnSystem(System):
         # So that hf_model alone generates (and saves with save_pretrained) as a complete transformers captioner.
         model.generation_config.update(decoder_start_token_id=self.decoder.start_id, eos_token_id=self.decoder.eos_id,
                                        pad_token_id=self.decoder.pad_id)  # fmt: skip
+        self.decoder.paired = (model, self.encoder)  # a plain attribute: the pair is saved whole, from the decoder
         # The parts own every weight; the pair only wires them (transformers' forward and generate), so it stays out
         # of the module tree: each weight has one name, and system.train() reaches the encoder only through its
         # part, which keeps a frozen encoder in eval mode.
         object.__setattr__(self, "hf_model", model)
+
+    @property
+    def generate_config(self) -> GenerateConfig:
+        return self._generate_config
+
+    @generate_config.setter
+    def generate_config(self, config: GenerateConfig) -> None:
+        # The recipe's generation defaults (compose sets them) go into the pair's too, so that its saved folder
+        # generates with no options as system.caption() does with none: transformers would stop at 20 tokens.
+        self._generate_config = config
+        sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k) if config.do_sample else {}
+        self.hf_model.generation_config.update(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
+                                               do_sample=config.do_sample,
+                                               repetition_penalty=config.repetition_penalty, **sampling)  # fmt: skip
 
     def forward(self, batch: Batch) -> SystemOutput:
         memory = batch.features if batch.features is not None else self.encoder(batch.pixel_values)  # (B, N, D)

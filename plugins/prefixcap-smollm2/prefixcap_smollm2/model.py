@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefixcap.checkpoints import packaged_file
 from prefixcap.decoders.causal_lm import CausalLMDecoder
-from prefixcap_smollm2 import PACKAGED, SmolLM2Options
+from prefixcap_smollm2 import ORIGINAL, PACKAGED, SmolLM2Options
 
 # The architecture (config.json written by convert(), without its quantization_config): what
 # `prefixcap validate` builds on the meta device, with no GGUF read.
@@ -84,3 +84,8 @@ class SmolLM2Decoder(CausalLMDecoder):
             checkpoint = str(convert(gguf)) if pretrained else str(CONFIG_DIR)
         super().__init__(options.model_copy(update={"checkpoint": checkpoint}), pretrained=pretrained)
         self.options = options  # the recipe's own options (what a saved system's manifest records)
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        # What the recipe named, never the local conversion the weights came from; the packaged GGUF by the model it is.
+        return ORIGINAL if self.options.checkpoint == PACKAGED else super().base_checkpoint
