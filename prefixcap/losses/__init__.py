@@ -2,6 +2,8 @@
 
 from pydantic import Field
 
+from prefixcap.checkpoints import Need
+from prefixcap.encoders import open_clip_needs
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import CheckpointOptions, ComponentOptions
 
@@ -23,6 +25,9 @@ class ClipAlignOptions(LossOptions, CheckpointOptions):
     checkpoint: str = "openai"
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (CLIP's initial value)")
     lr: float | None = Field(None, gt=0, description="learning rate of the projection head (default: train.lr)")
+
+    def needs(self) -> list[Need]:
+        return open_clip_needs(self.model, self.checkpoint)  # read by the clip encoder's open_clip loader
 
 
 @hookimpl

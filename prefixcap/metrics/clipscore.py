@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from prefixcap.checkpoints import fetch, resolve
+from prefixcap.checkpoints import Need, checkpoint_needs, fetch, path_exists, resolve
 from prefixcap.errors import CompositionError, summary
 
 PROMPT = "A photo depicts "  # Hessel's prefix 'A photo depicts', to which his code appends the missing space
@@ -39,6 +39,20 @@ def choose_clip_model(setting: str | None, data_default: str | None) -> str | No
     if setting == "auto":
         return data_default or DEFAULT_CHECKPOINT
     return setting
+
+
+def scorer_needs(checkpoint: str, option: str = "clip_model") -> list[Need]:
+    """What ``ClipScorer.from_pretrained(checkpoint)`` reads from disk (`prefixcap doctor`), loading nothing."""
+    from prefixcap.encoders import HF_HUB, open_clip_needs
+
+    if not checkpoint.startswith(OPEN_CLIP):
+        return checkpoint_needs(checkpoint, option)  # transformers: a bundled scorer, a local directory or a hub id
+    source = checkpoint[len(OPEN_CLIP) :].removeprefix("local-dir:")
+    if source.startswith(HF_HUB) or path_exists(source):
+        return open_clip_needs("", source, option)
+    if "/" in source:
+        return open_clip_needs(*source.split("/", 1), option)
+    return [Need("unchecked", checkpoint, option, note="names no weights (see eval.clip_model)")]
 
 
 def clip_s(image_emb: Tensor, caption_emb: Tensor, w: float = W) -> Tensor:

@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from prefixcap.checkpoints import Need, checkpoint_needs
 from prefixcap.decoders import TinySizes
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import ComponentOptions
@@ -24,6 +25,10 @@ class CrossAttnOptions(ComponentOptions):
     # decoder (cross-attention vs a prefix), not how much of the encoder each one fine-tunes.
     freeze_encoder: bool = True
     lr: float | None = Field(None, gt=0, description="learning rate of what it trains (default: train.lr)")
+
+    def needs(self) -> list[Need]:
+        # Both load through transformers' from_pretrained (systems/crossattn.py), as a `checkpoint` option does.
+        return checkpoint_needs(self.encoder, "encoder") + checkpoint_needs(self.decoder, "decoder")
 
 
 @hookimpl

@@ -28,11 +28,17 @@ class RunResult:
 
 
 def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
-          report: Report = print) -> Run:  # fmt: skip
-    """Set up a run: its directory, its system and data, and its state from the last checkpoint if there is one."""
+          report: Report = print, check_files: bool = True) -> Run:  # fmt: skip
+    """Set up a run: its directory, its system and data, and its state from the last checkpoint if there is one.
+    ``check_files``: first check that the weights and data it needs are on disk (prefixcap.doctor), so a run that
+    cannot start says everything it lacks at once and leaves no run directory behind (bench checks all entries)."""
     recipe = load_recipe(recipe, overrides)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
+    if check_files:
+        from prefixcap.doctor import check, preflight
+
+        preflight([check(recipe)], report, RunError)
     from accelerate import PartialState
 
     state = PartialState(cpu=on_cpu())  # under torchrun or `accelerate launch`: joins the other processes

