@@ -20,11 +20,14 @@ __version__ = "0.1.0"
 
 
 def load(directory, device=None, *, trust_remote_code: bool = False):
-    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory). A saved system whose recipe
-    sets trust_remote_code is refused unless ``trust_remote_code=True``: loading a file must not run a hub's code."""
+    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory), or pushed to the model hub
+    ("user/repo": downloaded, or read from the hub's cache; a local directory of that name wins). A saved system whose
+    recipe sets trust_remote_code is refused unless ``trust_remote_code=True``: loading a file must not run a hub's
+    code."""
+    from prefixcap.hub import resolve
     from prefixcap.persist import load_system
 
-    return load_system(directory, device, trust_remote_code=trust_remote_code)
+    return load_system(resolve(directory), device, trust_remote_code=trust_remote_code)
 
 
 __all__ = [

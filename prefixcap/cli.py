@@ -335,10 +335,12 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
             max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None):
     """Write alt text for images with a trained system.
 
-    RUN_OR_CHECKPOINT is a run directory (its final/) or a saved system. Each PATH is an image file, a folder
-    (searched recursively), a glob pattern (** recursive), or - to read paths from stdin, one a line. Every image
-    gets a row, with an error instead of a caption when it cannot be read or captioned; the others go on. Generation
-    options default to the recipe's generate section. Exit code 0 when every image was captioned, 1 otherwise."""
+    RUN_OR_CHECKPOINT is a run directory (its final/), a saved system, or the hub id (user/repo) of one pushed to
+    the model hub (downloaded once, then read from the hub's cache; a local directory of that name wins). Each PATH
+    is an image file, a folder (searched recursively), a glob pattern (** recursive), or - to read paths from stdin,
+    one a line. Every image gets a row, with an error instead of a caption when it cannot be read or captioned; the
+    others go on. Generation options default to the recipe's generate section. Exit code 0 when every image was
+    captioned, 1 otherwise."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from prefixcap.caption import (CaptionError, RowWriter, caption_paths, check_out_file, expand_paths, load_captioner,
@@ -404,7 +406,7 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
 
 
 @cli.command()
-@click.argument("source", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", metavar="RUN_OR_CHECKPOINT")  # or a hub id: checked by saved_system_dir, not click
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--int8", is_flag=True, help="Also write dynamic-int8 quantised graphs (*.int8.onnx).")
 @click.option("--web", is_flag=True, help="Also write a static page that captions images in the browser with "
@@ -415,7 +417,8 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
                    "else web/node_modules/onnxruntime-web/dist of the source checkout, from `npm ci --prefix web`).")
 @_errors_to_exit_2
 def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort_dist: str | None):
-    """Export a trained system to ONNX: graphs, tokenizer and manifest.json, for `prefixcap caption --onnx DIR`.
+    """Export a trained system to ONNX: graphs, tokenizer, model card and manifest.json, for `prefixcap caption
+    --onnx DIR`. RUN_OR_CHECKPOINT is a run directory, a saved system or its hub id (user/repo).
 
     Prefix systems (LoRA merged into the decoder) and the cross-attention baseline; see prefixcap/export.py. With
     --web, DIR is also a static captioning page (prefixcap/web_demo.py): `python -m http.server -d DIR`."""
@@ -442,10 +445,59 @@ def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort
                   soft_wrap=True)
 
 
+@cli.command()
+@click.argument("source", metavar="RUN_OR_DIR")
+@click.argument("repo_id", metavar="REPO_ID")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+@click.option("--revision", "--branch", "revision", metavar="BRANCH",
+              help="Commit to this branch, created from main if new (default: main).")
+@click.option("--license", "license_id", metavar="ID", help="Set the model card's license, a hub license id such as "
+                                                             "apache-2.0 (prefixcap leaves it unset).")
+@click.option("--message", "-m", metavar="TEXT", help="The commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded, and upload nothing (no network).")
+@_errors_to_exit_2
+def push(source: str, repo_id: str, private: bool, revision: str | None, license_id: str | None,
+         message: str | None, dry_run: bool):
+    """Upload a trained system to the Hugging Face model hub as REPO_ID (namespace/name), with its model card.
+
+    RUN_OR_DIR is a run directory (its final/), a saved system or an export (`prefixcap export`). Every file in it
+    goes up (names starting with "." left out, pickles refused), its README.md with the usage examples naming
+    REPO_ID (one is written from manifest.json if it has none). The run's metrics are in the card; metrics.json and
+    samples.jsonl stay home. Log in first: `hf auth login`, or set HF_TOKEN."""
+    from prefixcap.hub import push as push_files
+    from prefixcap.hub import upload_plan
+
+    plan = upload_plan(source, repo_id, license=license_id)
+    sizes = plan.sizes()
+    card = {"folder": "the folder's model card", "written": "a model card written now from manifest.json",
+            "": "no model card (an export written before prefixcap wrote them; export again for one)"}[plan.card_origin]
+    out.print(_shown(f"{repo_id}: {len(sizes)} files, {sum(sizes.values()) / 2**20:.2f} MiB from {plan.folder}"),
+              highlight=False, soft_wrap=True)  # fmt: skip
+    out.print(f"README.md: {card}", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("file", overflow="fold")
+    table.add_column("MiB", justify="right")
+    for name, size in sizes.items():
+        table.add_row(_shown(name), f"{size / 2**20:.3f}")
+    out.print(table)
+    if dry_run:
+        out.print("dry run: nothing uploaded", highlight=False)
+        return
+    url = push_files(plan, private=private, revision=revision, message=message)
+    out.print(_shown(f"pushed: {url}"), highlight=False, soft_wrap=True)
+
+
 def _shown(value: object) -> str:
     """Text from a recipe, a plugin or a file name, ready for rich: control characters escaped (no terminal escape
     sequence, such as clear-screen or a window title, reaches the screen) and markup escaped (shown as written)."""
     return escape(printable(str(value)))
+
+
+def _say_downloads(event) -> None:
+    """Online, what run and bench will download before they can start (prefixcap.doctor.WillDownload), on stderr."""
+    err.print("not on disk yet, so it will be downloaded (HF_HUB_OFFLINE=1 would refuse instead):", highlight=False)
+    for item in event.items:
+        err.print(_shown(f"  {item.describe()}"), highlight=False, soft_wrap=True)
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:

@@ -14,6 +14,7 @@ An export directory holds:
     decoder.onnx           one step of the decoder with its KV cache (below); LoRA merged into the weights
     *.int8.onnx            with int8=True: the same graphs with dynamically quantised int8 weights
     tokenizer.json ...     the decoder tokenizer's save_pretrained
+    README.md              the model card (prefixcap.card): the exported system's metadata, training and scores
 
 The decoder is one merged graph, not an init + with-past pair, so its weights are stored once. Every step feeds
 ``past_key_values.{i}.key/value`` (batch, kv_heads, past_sequence_length, head_dim) and gets back
@@ -47,7 +48,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from prefixcap.checkpoints import installed_versions
 from prefixcap.errors import summary
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, FORMAT, ExportError
-from prefixcap.persist import load_system, saved_system_dir
+from prefixcap.card import card_name, run_metrics, system_card, write_card
+from prefixcap.persist import load_system, read_manifest, saved_system_dir
 from prefixcap.systems.crossattn import CrossAttnSystem
 from prefixcap.systems.prefix import PrefixSystem
 
@@ -116,6 +118,9 @@ def write_export(system: PrefixSystem | CrossAttnSystem, graphs: dict[str, Graph
             described[name]["int8_file"] = quantized.name
             written += with_data(quantized)
     tokens, tokenizer_files = write_tokenizer(system, out)
+    # The model card of the system exported, from its manifest and its run's metrics.json (when it is a run's final/)
+    card = write_card(out, system_card(source, read_manifest(source), run_metrics(source), name=card_name(source),
+                                       export={"graphs": described}))  # fmt: skip
     processor = system.encoder.image_processor
     manifest = {
         "format": FORMAT,
@@ -134,7 +139,7 @@ def write_export(system: PrefixSystem | CrossAttnSystem, graphs: dict[str, Graph
                   "resize": processor.resize, "crop_pct": processor.crop_pct, "rescale": "uint8 / 255",
                   "resample": RESAMPLE, "layout": "NCHW float32"},  # fmt: skip
         "generate": system.generate_config.model_dump(),
-        "files": {p.name: p.stat().st_size for p in written + tokenizer_files},
+        "files": {p.name: p.stat().st_size for p in written + tokenizer_files + [card]},
         "versions": versions(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -293,10 +293,12 @@ class System(nn.Module, ABC):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> System:
-        """Rebuild a saved system (same as prefixcap.load); ``PrefixSystem.load`` also checks what it got."""
+        """Rebuild a saved system (same as prefixcap.load: a hub id too); ``PrefixSystem.load`` also checks what it
+        got."""
+        from prefixcap.hub import resolve
         from prefixcap.persist import load_system
 
-        system = load_system(Path(directory), device)
+        system = load_system(resolve(directory), device)
         if not isinstance(system, cls):
             raise SavedSystemError(f"{directory} holds a {type(system).__name__}, not a {cls.__name__}")
         return system

@@ -1,10 +1,15 @@
-"""Saving and loading systems: what was trained as safetensors, plus a manifest.json a human can read.
+"""Saving and loading systems: what was trained, in Hugging Face's formats, plus a manifest.json a human can read.
 
     run/final/
       manifest.json            format, versions, the fully resolved recipe, base checkpoints and their revisions
       connector/model.safetensors
-      decoder/adapter_config.json + adapter_model.safetensors     (LoRA: loads with plain peft)
+      decoder/                 LoRA: adapter_config.json + adapter_model.safetensors naming its base (plain peft
+                               loads it); fully trained or random: a whole transformers model (config.json +
+                               model.safetensors); the tokenizer beside either. crossattn: the whole
+                               VisionEncoderDecoderModel with its image processor (plain transformers loads it)
       encoder/...              only if it trained something or was randomly initialised
+      config.json              model_type "prefixcap" for transformers' Auto classes (prefixcap.hf; names no code)
+      README.md                the model card: hub metadata, how it was trained and scored (prefixcap.card)
 
 ``load(directory)`` rebuilds the system through compose() from the manifest's recipe (base weights come from their
 checkpoints, as when it was first built) and loads the trained tensors on top. Only safetensors and JSON are read:
@@ -25,8 +30,11 @@ from typing import Any
 import torch
 
 from prefixcap import checkpoints
+from prefixcap.card import card_name, system_card, write_card
 from prefixcap.errors import SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
+from prefixcap.hf_config import write_hf_config
+from prefixcap.hub import resolve
 from prefixcap.weights import PICKLE_WEIGHTS, trained_names
 
 FORMAT = "prefixcap-system/1"
@@ -51,9 +59,10 @@ def _components(system: Any) -> dict[str, Any]:
     return out
 
 
-def save_system(system: Any, directory: Path) -> Path:
+def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write into a temporary sibling directory, then swap it in: a crash never leaves a half-written checkpoint
-    where a complete one was."""
+    where a complete one was. The model card (README.md, prefixcap.card) goes in with the rest, ``metrics`` (the
+    run's metrics.json, when there is one) in its evaluation."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(directory)
@@ -74,6 +83,8 @@ def save_system(system: Any, directory: Path) -> Path:
             "recipe": system.recipe.to_dict(resolved=True),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_hf_config(tmp, manifest)  # config.json: what transformers' Auto classes read (prefixcap.hf)
+        write_card(tmp, system_card(tmp, manifest, metrics, name=card_name(directory)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing behind but the previous save
         raise
@@ -98,7 +109,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def saved_system_dir(path: str | Path) -> Path:
     """The saved system that ``path`` names: a run directory's final/, or a saved system itself."""
-    given, path = path, Path(path)
+    given, path = path, resolve(path)  # a hub id (user/repo) that is no local path: its downloaded snapshot
     if not path.is_dir():
         found = "not a directory" if path.exists() else "no such directory"
         raise SavedSystemError(f"{given}: {found}; expected a run directory or a saved system")

@@ -331,8 +331,9 @@ class Run:
                     break
 
     def write_results(self, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-        """final/, metrics.json, samples.jsonl and the curves; a full disk is reported like a checkpoint's."""
-        writes = [(self.run_dir / "final", lambda path: save_system(self.system, path)),
+        """final/, metrics.json, samples.jsonl and the curves; a full disk is reported like a checkpoint's. final/
+        is written first and whole (its model card already holds the metrics), so a run with metrics.json has it."""
+        writes = [(self.run_dir / "final", lambda path: save_system(self.system, path, metrics)),
                   (self.run_dir / "metrics.json", lambda path: write_atomic(path, json.dumps(metrics, indent=2) + "\n")),
                   (self.run_dir / "samples.jsonl", lambda path: write_jsonl(path, samples)),
                   (self.run_dir / "curves.png", lambda path: plot_curves(self.history, path, self.headline))]  # fmt: skip
