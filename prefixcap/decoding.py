@@ -30,7 +30,7 @@ def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_
     device = inputs_embeds.device
     config = model.config
     kv = StaticCache(config=config, max_cache_len=length + max_new_tokens) if cache == "static" else DynamicCache()
-    kv_arg = {_cache_keyword(model): kv}
+    kv_arg = {cache_keyword(model): kv}
     positions = torch.arange(length, device=device)
     logits = model(inputs_embeds=inputs_embeds, **kv_arg, use_cache=True, cache_position=positions,
                    position_ids=positions.expand(batch, -1), logits_to_keep=1).logits  # fmt: skip
@@ -50,7 +50,7 @@ def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_
     return torch.stack(tokens, dim=1)
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases,
     which prefixcap still supports, know only the old one. Asked of the model's own forward (under any peft wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -46,6 +46,7 @@ from torch.export import Dim
 from transformers import DynamicCache, EncoderDecoderCache
 
 from prefixcap.checkpoints import installed_versions
+from prefixcap.decoding import cache_keyword
 from prefixcap.errors import summary
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE, FORMAT, ExportError
 from prefixcap.card import card_name, run_metrics, system_card, write_card
@@ -249,8 +250,9 @@ class PrefixDecoderStep(nn.Module):
     def forward(self, prefix_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, past: list[Tensor]):
         embeds = torch.cat([prefix_embeds, self.lm.get_input_embeddings()(input_ids)], dim=1)
         cache = DynamicCache(pairs(past), config=self.lm.config)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                      position_ids=positions(attention_mask, embeds.shape[1]), logits_to_keep=1)  # fmt: skip
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, **{cache_keyword(self.lm): cache},
+                      use_cache=True, position_ids=positions(attention_mask, embeds.shape[1]),
+                      logits_to_keep=1)  # fmt: skip
         return out.logits[:, -1], flatten(out.past_key_values)
 
 
@@ -274,7 +276,7 @@ class CrossAttnImage(nn.Module):
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         query = memory.new_zeros(memory.shape[0], 1, self.width)
         for block in self.blocks:
-            block.crossattention(query, past_key_values=cache, encoder_hidden_states=memory)
+            block.crossattention(query, **{cache_keyword(block.crossattention): cache}, encoder_hidden_states=memory)
         return flatten(cache.cross_attention_cache)
 
 
@@ -291,9 +293,9 @@ class CrossAttnDecoderStep(nn.Module):
         # With its cross-attention cache filled GPT-2 never reads encoder_hidden_states, but it takes the
         # cross-attention branch only when they are given: a (B, N, H) stand-in made from the keys.
         memory = cross[0].transpose(1, 2).flatten(2)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                      position_ids=positions(attention_mask, input_ids.shape[1]), encoder_hidden_states=memory,
-                      logits_to_keep=1)  # fmt: skip
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(self.lm): cache},
+                      use_cache=True, position_ids=positions(attention_mask, input_ids.shape[1]),
+                      encoder_hidden_states=memory, logits_to_keep=1)  # fmt: skip
         return out.logits[:, -1], flatten(out.past_key_values.self_attention_cache)
 
 
