@@ -200,10 +200,11 @@ def system_card(directory: Path, manifest: dict[str, Any], metrics: dict[str, An
     lines.append("")
     if not export:
         stored = stored_parameters(directory, manifest)
+        whole = (", and the whole VisionEncoderDecoderModel, frozen encoder included, so that it loads with plain "
+                 "transformers") if system == "crossattn" else ""
         lines += [f"Its safetensors files hold {stored:,} parameters: what training changed (for a LoRA decoder, "
-                  "only the adapter), any part initialised at random, and for the crossattn system its whole "
-                  "VisionEncoderDecoderModel (so that it loads with plain transformers). Weights not stored here are "
-                  "the base checkpoints', fetched from where the table says when the system is loaded.", ""]
+                  f"only the adapter), any part initialised at random{whole}. Weights not stored here are the base "
+                  "checkpoints', fetched from where the table says when the system is loaded.", ""]
     else:
         graphs = ", ".join(f"`{g.get('file')}`" for g in (export.get("graphs") or {}).values())
         lines += [f"The graphs ({graphs}, with int8 versions where exported) run with onnxruntime alone, no torch; "
