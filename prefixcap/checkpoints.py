@@ -193,17 +193,22 @@ def checkpoint_needs(value: str | None, option: str = "checkpoint",
     return [Need("path", value, option)]
 
 
-def hub_id(text: str) -> bool:
-    """Whether ``text`` reads as a hub repository id (``org/name``, or a legacy bare name) rather than a path."""
+def valid_repo_id(text: str) -> bool:
+    """Whether the hub would accept ``text`` as a repository id (huggingface_hub's own rules)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or Path(text).suffix in _FILE_SUFFIXES:
-        return False
     try:
         validate_repo_id(text)
     except HFValidationError:
         return False
     return True
+
+
+def hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub repository id (``org/name``, or a legacy bare name) rather than a path."""
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or Path(text).suffix in _FILE_SUFFIXES:
+        return False
+    return valid_repo_id(text)
 
 
 _FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".json", ".jsonl", ".yaml", ".npz"}

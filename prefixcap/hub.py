@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefixcap.checkpoints import installed_versions
+from prefixcap.checkpoints import installed_versions, valid_repo_id
 from prefixcap.errors import PrefixcapError, SavedSystemError, summary
 from prefixcap.weights import PICKLE_WEIGHTS
 
@@ -33,15 +33,7 @@ class HubError(PrefixcapError):
 def is_repo_id(text: str) -> bool:
     """Whether ``text`` can name a model repository: ``namespace/name`` as the hub spells ids. A bare name (gpt2) is
     a legacy id, but as a saved system's name it is far likelier a mistyped local folder."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if text.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
+    return text.count("/") == 1 and valid_repo_id(text)
 
 
 def resolve(source: str | Path) -> Path:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from prefixcap.registry import reload_registry
 
@@ -149,6 +150,16 @@ def with_plugin(plugin_site, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_site))
     monkeypatch.setenv("PREFIXCAP_LOAD_PLUGINS", PLUGIN_DIST)
     return reload_registry()
+
+
+# A tiny LoRA prefix system and a batch of three plain colours it learns to tell apart (tests of saving and loading).
+TINY = {
+    "encoder": {"name": "siglip", "checkpoint": "tiny"},
+    "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
+    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4, "dropout": 0.0}},
+}
+IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
+CAPTIONS = ["a red square", "a dark blue square", "a white square"]
 
 
 def fit_batch(system, images, captions, steps: int, lr: float = 1e-2) -> None:

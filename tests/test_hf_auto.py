@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, pipeline
 
 import prefixcap
@@ -22,15 +21,8 @@ from prefixcap.errors import SavedSystemError
 from prefixcap.hf import PrefixcapConfig, PrefixcapForImageTextToText
 from prefixcap.hf_config import ARCHITECTURE
 
-from conftest import fit_batch
+from conftest import CAPTIONS, IMAGES, TINY, fit_batch
 
-TINY = {
-    "encoder": {"name": "siglip", "checkpoint": "tiny"},
-    "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
-    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4, "dropout": 0.0}},
-}
-IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
-CAPTIONS = ["a red square", "a dark blue square", "a white square"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -14,15 +13,8 @@ from prefixcap.decoders.tokenizer import EOS_ID, PAD_ID, tiny_tokenizer, tiny_vo
 from prefixcap.errors import SavedSystemError
 from prefixcap.persist import saved_system_dir
 
-from conftest import fit_batch
+from conftest import CAPTIONS, IMAGES, TINY, fit_batch
 
-TINY = {
-    "encoder": {"name": "siglip", "checkpoint": "tiny"},
-    "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
-    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4, "dropout": 0.0}},
-}
-IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
-CAPTIONS = ["a red square", "a dark blue square", "a white square"]
 
 
 def train_steps(system, steps: int = 3) -> None:
