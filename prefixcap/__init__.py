@@ -4,7 +4,9 @@
     prefixcap.list_components("decoder")                       # what is registered (builtins + plugins)
     recipe = prefixcap.load_recipe("quickstart", ["train.lr=3e-4"])
     system = prefixcap.compose(recipe)                         # or compose(encoder=..., connector=..., decoder=...)
+    result = prefixcap.train(system, data="shapes", run_dir="runs/mine", steps=300)   # `prefixcap run`, from Python
     system.caption(images)
+    prefixcap.load("runs/mine")                                # what the run saved, in a new process
 
 Importing prefixcap does not import torch; building a system does.
 """
@@ -20,18 +22,25 @@ __version__ = "0.1.0"
 
 
 def load(directory, device=None, *, trust_remote_code: bool = False):
-    """Load a system saved with ``system.save(directory)`` (or a run's final/ directory), or pushed to the model hub
-    ("user/repo": downloaded, or read from the hub's cache; a local directory of that name wins). A saved system whose
-    recipe sets trust_remote_code is refused unless ``trust_remote_code=True``: loading a file must not run a hub's
-    code."""
-    from prefixcap.hub import resolve
-    from prefixcap.persist import load_system
+    """Load a system saved with ``system.save(directory)``, a run directory (its final/), or a system pushed to the
+    model hub ("user/repo": downloaded, or read from the hub's cache; a local directory of that name wins). A saved
+    system whose recipe sets trust_remote_code is refused unless ``trust_remote_code=True``: loading a file must not
+    run a hub's code."""
+    from prefixcap.persist import load_system, saved_system_dir
 
-    return load_system(resolve(directory), device, trust_remote_code=trust_remote_code)
+    return load_system(saved_system_dir(directory), device, trust_remote_code=trust_remote_code)
+
+
+def train(what, data=None, **options):
+    """Train a recipe or a system composed in Python, evaluate it and save it under a run directory; see
+    prefixcap.training.run.train for the options. Returns a RunResult (run_dir, metrics, steps, system)."""
+    from prefixcap.training.run import train as train_run
+
+    return train_run(what, data, **options)
 
 
 __all__ = [
     "CheckpointOptions", "ComponentOptions", "CompositionError", "PluginError", "PrefixcapError", "Recipe",
     "RecipeError", "SavedSystemError", "UnknownComponentError", "compose", "create", "get_component", "hookimpl",
-    "list_components", "list_recipes", "load", "load_recipe", "validate",
+    "list_components", "list_recipes", "load", "load_recipe", "train", "validate",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from prefixcap.errors import CompositionError, PrefixcapError, summary
 from prefixcap.recipe import ComponentSpec, Loc, Recipe, load_recipe
-from prefixcap.registry import get_component
+from prefixcap.registry import built_spec, get_component, with_spec
 
 ComponentArg = str | Mapping[str, Any] | ComponentSpec | Any  # a name, a spec, or an already built module
 Weights = Literal["pretrained", "random", "none"]
@@ -83,10 +83,17 @@ def compose(
     if specs or objects or (losses is not None and loss_objects is None):
         data = base.to_dict()
         data.update({k: v.model_dump() if isinstance(v, ComponentSpec) else v for k, v in specs.items()})
-        for slot in objects:
-            data.pop(slot, None)
+        for slot, part in objects.items():
+            # A part built by create() or compose() carries its section, so the recipe (and a save, and a load of
+            # it) names it; one built by hand leaves its section out, and saving such a system says why it cannot.
+            data[slot] = built_spec(part)
+            if data[slot] is None:
+                data.pop(slot)
         if losses is not None and loss_objects is None:
             data["losses"] = [x.model_dump() if isinstance(x, ComponentSpec) else x for x in losses]
+        elif loss_objects is not None:
+            loss_specs = [built_spec(x) for x in loss_objects]
+            data["losses"] = loss_specs if None not in loss_specs else []
         base = load_recipe(data, origin=base)  # errors in the sections kept still name their file line
     recipe_ = base
 
@@ -97,7 +104,7 @@ def compose(
         factory = registration.load_factory()
         where = f"{_named(recipe_.location(loc))}{'.'.join(map(str, loc))} {spec.name!r}"
         try:
-            return factory(spec.options, **wiring)
+            return with_spec(factory(spec.options, **wiring), spec.name, spec.options)
         except (PrefixcapError, OSError, ValueError) as e:
             raise CompositionError(f"{where}: {e}") from e
         except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # torch refusing sizes it cannot allocate
@@ -137,7 +144,9 @@ def compose(
                 part.random_init = True
     built.recipe = recipe_
     built.generate_config = recipe_.generate
-    return built
+    # Ready to caption, as loaded systems are: dropout (the mlp connector's, LoRA's) would otherwise make two calls of
+    # caption() differ. Training switches it to train mode itself.
+    return built.eval()
 
 
 def _named(location: str) -> str:

@@ -274,8 +274,13 @@ class System(nn.Module, ABC):
 
         config = GenerateConfig.model_validate({**self.generate_config.model_dump(), **generate})
         device = next(self.parameters()).device
-        with torch.inference_mode():
-            return self.generate(self.encoder.preprocess(images).to(device), config)
+        training = self.training
+        self.eval()  # no dropout: the same image gets the same caption, even in the middle of training
+        try:
+            with torch.inference_mode():
+                return self.generate(self.encoder.preprocess(images).to(device), config)
+        finally:
+            self.train(training)
 
     def parts(self) -> list[tuple[str, Component]]:
         """(slot, component) for every component, slots named as in the recipe: encoder, ..., losses.0."""

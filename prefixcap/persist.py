@@ -64,6 +64,7 @@ def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = N
     where a complete one was. The model card (README.md, prefixcap.card) goes in with the rest, ``metrics`` (the
     run's metrics.json, when there is one) in its evaluation."""
     directory = Path(directory)
+    refuse_unrebuildable(system)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(directory)
     try:
@@ -89,6 +90,20 @@ def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = N
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing behind but the previous save
         raise
     return publish_dir(tmp, directory)
+
+
+def refuse_unrebuildable(system: Any) -> None:
+    """Refuse, before anything is written, a system whose recipe does not name every part: load() rebuilds a system
+    from its recipe, so a part compose() was given as an object built by hand would come back missing."""
+    if not getattr(system, "uses_components", True):  # it builds its parts itself, from its own options
+        return
+    named = {".".join(map(str, loc)) for loc, _, _ in system.recipe.components()}
+    missing = [slot for slot, _ in system.parts() if slot not in named]
+    if missing:
+        raise SavedSystemError(
+            f"cannot save this system: its {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} given to "
+            "compose() as built objects that do not say how to build them again, so prefixcap.load could not rebuild "
+            "it; build each with prefixcap.create(kind, name, options) (or give compose() its name and options)")
 
 
 def _remote_code_settings(recipe: Any, path: str = "") -> list[str]:

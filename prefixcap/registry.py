@@ -309,4 +309,23 @@ def create(kind: str, name: str, options: dict[str, Any] | ComponentOptions | No
         opts = registration.parse_options(options)
     except ValidationError as e:
         raise PluginError(f"{kind} {name!r}: invalid options: {e}") from e
-    return registration.load_factory()(opts, **wiring)
+    return with_spec(registration.load_factory()(opts, **wiring), name, opts)
+
+
+SPEC_ATTRIBUTE = "component_spec"
+
+
+def with_spec(built: Any, name: str, options: ComponentOptions) -> Any:
+    """Mark ``built`` with the recipe section that builds it again ({name, **options}): compose() given built parts
+    writes their sections into the system's recipe, so the system saves a manifest that load() can rebuild."""
+    try:
+        setattr(built, SPEC_ATTRIBUTE, {"name": name, **options.model_dump(mode="json")})
+    except (AttributeError, TypeError):  # a factory may return an object that takes no attributes; it stays unmarked
+        pass
+    return built
+
+
+def built_spec(built: Any) -> dict[str, Any] | None:
+    """The recipe section ``built`` was made from (see with_spec); None for a part built by hand."""
+    spec = getattr(built, SPEC_ATTRIBUTE, None)
+    return dict(spec) if isinstance(spec, dict) else None

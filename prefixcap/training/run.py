@@ -25,13 +25,15 @@ class RunResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     main_process: bool = True  # False in the other processes of a data-parallel launch, which stay quiet
+    system: Any = None  # what was trained (in eval mode), its weights those saved in run_dir/final
 
 
 def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
-          report: Report = print, check_files: bool = True) -> Run:  # fmt: skip
+          report: Report = print, check_files: bool = True, system: Any = None) -> Run:  # fmt: skip
     """Set up a run: its directory, its system and data, and its state from the last checkpoint if there is one.
     ``check_files``: first check that the weights and data it needs are on disk (prefixcap.doctor), so a run that
-    cannot start says everything it lacks at once and leaves no run directory behind (bench checks all entries)."""
+    cannot start says everything it lacks at once and leaves no run directory behind (bench checks all entries).
+    ``system``: train this system, composed from ``recipe``'s parts, instead of composing it again."""
     recipe = load_recipe(recipe, overrides)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
@@ -54,7 +56,7 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
         sweep_temporaries(run_dir)  # what a killed run was writing (checkpoints/ too); with the lock, nobody else is
         write_atomic(run_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(resolved=True), sort_keys=False))
     state.wait_for_everyone()  # nobody looks for checkpoints before `fresh` has removed them
-    trainer = Run(recipe, run_dir, report)
+    trainer = Run(recipe, run_dir, report, system=system)
     trainer.lock = lock
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
@@ -66,20 +68,77 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
 
 
 def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, fresh: bool = False,
-        stop_after: int | None = None, report: Report = print) -> RunResult:  # fmt: skip
+        stop_after: int | None = None, report: Report = print, system: Any = None) -> RunResult:  # fmt: skip
     """Train and evaluate a recipe. An existing run directory with checkpoints is resumed unless ``fresh``."""
     from accelerate import PartialState
 
     if not PartialState(cpu=on_cpu()).is_main_process:
         report = _quiet  # one process speaks for the run
-    trainer = start(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report)
+    trainer = start(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report, system=system)
     with trainer:
         report(Started(trainer.step, trainer.recipe.train.steps))
         trainer.fit(stop_after, report)
-        if not trainer.done():  # stopped after `stop_after` steps, as an interruption would
-            return RunResult(trainer.run_dir, {}, trainer.step, trainer.history, trainer.main)
-        metrics = trainer.finish()
-    return RunResult(trainer.run_dir, metrics, trainer.step, trainer.history, trainer.main)
+        metrics = trainer.finish() if trainer.done() else {}  # not done: stopped after `stop_after` steps
+    trainer.system.eval()
+    return RunResult(trainer.run_dir, metrics, trainer.step, trainer.history, trainer.main, trainer.system)
+
+
+def train(what: Any, data: Any = None, *, run_dir: str | Path | None = None, overrides: Sequence[str] = (),
+          fresh: bool = False, stop_after: int | None = None, report: Report = print,
+          **settings: Any) -> RunResult:  # fmt: skip
+    """Train a recipe, or a system composed in Python, then evaluate and save it: `prefixcap run` from Python.
+
+        system = prefixcap.compose(encoder=..., connector="mlp", decoder=...)
+        result = prefixcap.train(system, data="shapes", run_dir="runs/mine", steps=300, lr=1e-3)
+        result.system.caption(images)     # the very object given, trained; result.run_dir / "final" is its save
+
+    ``what``: a System (trained in place: its parts must say how they were built, as compose() and create() mark
+    them, since checkpoints are saves) or anything load_recipe takes (a path, a recipe name, a dict, a Recipe).
+    ``data``: the dataset section, a name or ``{"name": ..., **options}``, replacing the recipe's. ``settings``: train
+    options (steps, lr, batch_size, ...: the recipe's ``train:`` section). ``overrides``: `--set`-style
+    "key=value" strings, applied last. A run directory with checkpoints is resumed unless ``fresh``."""
+    from prefixcap.interfaces import System
+
+    system = what if isinstance(what, System) else None
+    if system is not None:
+        from prefixcap.persist import refuse_unrebuildable
+
+        refuse_unrebuildable(system)
+        base = system.recipe
+    else:
+        base = load_recipe(what)
+    section = base.to_dict()
+    if data is not None:
+        section["data"] = _data_section(data)
+    if settings:
+        section["train"] = {**section.get("train", {}), **settings}
+    recipe = load_recipe(section, overrides, origin=base)
+    if system is not None:
+        _refuse_changed_parts(system, recipe)
+    return run(recipe, run_dir=run_dir, fresh=fresh, stop_after=stop_after, report=report, system=system)
+
+
+def _data_section(data: Any) -> Any:
+    from prefixcap.interfaces import DatasetSource
+    from prefixcap.registry import built_spec
+
+    if isinstance(data, DatasetSource):
+        spec = built_spec(data)
+        if spec is None:  # a run's recipe records its data, so that it can be resumed and its results read
+            raise RunError("data: give it as a name or {name: ..., **options}, or a source made by "
+                           "prefixcap.create('dataset', ...); this source does not say how to build it again")
+        return spec
+    return data
+
+
+def _refuse_changed_parts(system: Any, recipe: Any) -> None:
+    """An override of a part's section would be recorded in the run's recipe but not applied to the system given."""
+    before = system.recipe.to_dict(resolved=True)
+    after = recipe.to_dict(resolved=True)
+    changed = [key for key in ("system", "encoder", "connector", "decoder", "losses") if before.get(key) != after.get(key)]
+    if changed:
+        raise RunError(f"overrides change the given system's {', '.join(changed)}; compose a new system with them "
+                       "(prefixcap.compose(recipe, overrides=...)) and train that")
 
 
 def _quiet(event: Any) -> None:

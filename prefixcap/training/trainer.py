@@ -58,7 +58,8 @@ def tensorboard_installed() -> bool:
 class Run:
     """One training run; ``prefixcap.training.run()`` is the way to start one."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, report: Report = print):
+    def __init__(self, recipe: Recipe, run_dir: Path, report: Report = print, system: Any = None):
+        """``system``: train this one (composed in Python, from ``recipe``'s parts) instead of composing ``recipe``."""
         from accelerate import Accelerator
 
         self.recipe, self.run_dir, t = recipe, run_dir, recipe.train
@@ -85,7 +86,8 @@ class Run:
         self.autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device) if t.precision == "fp16" else None  # fp16 overflows without
         torch.manual_seed(t.seed)  # random-init parts (checkpoint: tiny) and new layers start the same every time
-        self.system = compose(recipe)
+        self.system = compose(recipe) if system is None else system
+        self.system.recipe, self.system.generate_config = recipe, recipe.generate  # what its saves record
         self.source: DatasetSource = create("dataset", recipe.data.name, recipe.data.options)
         self.headline = self.source.headline
         self.scorer = load_scorer(recipe, self.source)  # before the data: a missing model fails in seconds
