@@ -108,8 +108,10 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
-def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], what: str) -> dict[str, Any]:
-    """``directory``/manifest.json, which must declare format ``fmt``; ``what`` names such a directory in errors."""
+def read_manifest(directory: str | Path, fmt: str | tuple[str, ...], error: type[PrefixcapError], what: str
+                  ) -> dict[str, Any]:  # fmt: skip
+    """``directory``/manifest.json, which must declare format ``fmt`` (or one of them: the current first); ``what``
+    names such a directory in errors."""
     path = Path(directory) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
@@ -122,8 +124,9 @@ def read_manifest(directory: str | Path, fmt: str, error: type[PrefixcapError], 
     if nesting_depth(manifest) > MAX_MANIFEST_DEPTH:  # what reads it next walks it recursively
         raise error(f"{path}: unreadable manifest: nested deeper than {MAX_MANIFEST_DEPTH} levels")
     found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != fmt:
-        raise error(f"{path}: unknown format {found!r} (this prefixcap reads {fmt})")
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if found not in formats:
+        raise error(f"{path}: unknown format {found!r} (this prefixcap reads {' and '.join(formats)})")
     return manifest
 
 

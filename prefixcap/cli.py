@@ -420,7 +420,7 @@ def export(source: str, out_dir: str, int8: bool, web: bool, web_fp32: bool, ort
     """Export a trained system to ONNX: graphs, tokenizer, model card and manifest.json, for `prefixcap caption
     --onnx DIR`. RUN_OR_CHECKPOINT is a run directory, a saved system or its hub id (user/repo).
 
-    Prefix systems (LoRA merged into the decoder) and the cross-attention baseline; see prefixcap/export.py. With
+    Any system that declares its graphs (System.onnx_export: both builtins, LoRA merged); see prefixcap/export.py. With
     --web, DIR is also a static captioning page (prefixcap/web_demo.py): `python -m http.server -d DIR`."""
     if not web and (web_fp32 or ort_dist):
         raise click.UsageError("--web-fp32 and --ort-dist apply only with --web")

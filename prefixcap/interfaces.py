@@ -25,6 +25,7 @@ from prefixcap.weights import load_into, module_state, save_tensors
 
 if TYPE_CHECKING:
     from prefixcap.config import GenerateConfig
+    from prefixcap.onnx_parts import OnnxPlan
 
 
 @dataclass
@@ -242,6 +243,12 @@ class System(nn.Module, ABC):
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]: ...
 
     accepts_features = False  # True when forward can start from cached encoder features (Batch.features)
+
+    def onnx_export(self) -> OnnxPlan | None:
+        """This system's ONNX graphs, how a runtime runs them and its tokens (prefixcap.onnx_parts builds one; see
+        docs/writing-a-plugin.md); None: it does not export. `prefixcap export` calls it on a system loaded for the
+        purpose, so it may change the system in place (merge LoRA into the weights)."""
+        return None
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Weighted sum of the system's losses, and each term for logging."""

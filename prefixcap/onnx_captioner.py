@@ -5,9 +5,16 @@
 
 Nothing here imports torch (a test checks it), so a deployment needs neither torch nor transformers.
 
+What runs, and in which order, is the manifest's "runtime" section (prefixcap.onnx_spec): the graphs run once per
+image, then the step graph once per token, fed the image graphs' outputs its runtime names (on every step, or on the
+first only: a prefix) and its own cache. Nothing here knows which system wrote the export. A prefixcap-onnx/1
+manifest, written before systems declared their runtime, is read as the runtime its system name (prefix or
+crossattn) implied.
+
 An export directory may come from anyone: its manifest is validated before anything is opened (every section the
-captioner reads, every graph the system needs), the files it names must lie inside the directory, and a graph or
-tokenizer the runtime cannot load is an ExportError naming the file, not a library's traceback.
+captioner reads; every graph, input and output the runtime names, and how they connect), the files it names must lie
+inside the directory, and a graph or tokenizer the runtime cannot load is an ExportError naming the file, not a
+library's traceback.
 
 Pixels are made as prefixcap.images.ImageProcessor makes them, from the manifest's numbers: RGB / 255, resized,
 clamped to [0, 1], centre-cropped, normalised. ImageProcessor resizes with torch (bicubic, antialiased, on floats);
@@ -34,19 +41,14 @@ from pydantic import BaseModel, NonNegativeInt, PositiveFloat, PositiveInt, Vali
 from tokenizers import Tokenizer
 
 from prefixcap import checkpoints
-from prefixcap.errors import PrefixcapError, summary
+from prefixcap.errors import summary
+from prefixcap.onnx_spec import ATTENTION_MASK, FORMAT, INPUT_IDS, LEGACY_FORMAT, LOGITS, PIXELS, ExportError, Runtime
 
-FORMAT = "prefixcap-onnx/1"
 # transformers' clean_up_tokenization (tokenization_utils_base), for tokenizers whose decode applies it; the export
 # decodes CLEAN_UP_PROBE both ways to find out.
 CLEAN_UPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # fmt: skip
 CLEAN_UP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
-PAST, PRESENT = "past_key_values.", "present."
-
-
-class ExportError(PrefixcapError):
-    """A system cannot be exported, or an export directory is missing, incomplete or of another format."""
 
 
 class ValueSpec(BaseModel):
@@ -104,20 +106,30 @@ class GenerateSpec(BaseModel):
 class ExportManifest(BaseModel):
     """What the captioner reads from an export's manifest.json (other fields, a web page's for one, pass)."""
 
-    system: Literal["prefix", "crossattn"]
+    system: str = ""  # the registered name of the system exported: for people, never read to decide anything
     graphs: dict[str, GraphSpec]
+    runtime: Runtime | None = None  # None only in a prefixcap-onnx/1 manifest
     tokens: TokensSpec
     image: ImageSpec
     generate: GenerateSpec
 
 
-GRAPHS = {"prefix": ("vision_encoder", "connector", "decoder"), "crossattn": ("vision_encoder", "decoder")}
+def legacy_runtime(parsed: ExportManifest) -> Runtime:
+    """The runtime a prefixcap-onnx/1 export's system implied: prefix, or crossattn (its image graph's outputs, the
+    cross-attention keys and values, fed on every step)."""
+    if parsed.system == "prefix":
+        return Runtime(image=["vision_encoder", "connector"], step="decoder", first_step={"prefix_embeds": 1})
+    if parsed.system == "crossattn":
+        image = parsed.graphs.get("vision_encoder")
+        cross = [value.name for value in image.outputs] if image else []
+        return Runtime(image=["vision_encoder"], step="decoder", every_step=cross)
+    raise ValueError(f"system: a {LEGACY_FORMAT} export holds a prefix or crossattn system, not {parsed.system!r}")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The export's manifest, checked to hold what the captioner reads: an export is a file from anyone, and a
-    missing section would otherwise surface as a KeyError in the middle of captioning."""
-    manifest = checkpoints.read_manifest(directory, FORMAT, ExportError, "an exported captioner")
+def read_manifest(directory: Path) -> tuple[dict[str, Any], Runtime]:
+    """The export's manifest and its runtime, checked to hold what the captioner reads: an export is a file from
+    anyone, and a missing section would otherwise surface as a KeyError in the middle of captioning."""
+    manifest = checkpoints.read_manifest(directory, (FORMAT, LEGACY_FORMAT), ExportError, "an exported captioner")
     path = directory / "manifest.json"
     try:
         parsed = ExportManifest.model_validate(manifest)
@@ -125,10 +137,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"])) or "manifest"
         raise ExportError(f"{path}: invalid manifest: {where}: {first['msg']}") from None
-    missing = [name for name in GRAPHS[parsed.system] if name not in parsed.graphs]
-    if missing:
-        raise ExportError(f"{path}: invalid manifest: graphs: no {', '.join(missing)} graph")
-    return manifest
+    if parsed.runtime is None and manifest["format"] == FORMAT:
+        raise ExportError(f"{path}: invalid manifest: runtime: Field required")
+    try:
+        runtime = parsed.runtime or legacy_runtime(parsed)
+    except ValueError as e:
+        raise ExportError(f"{path}: invalid manifest: {e}") from None
+    try:
+        runtime.check(parsed.model_dump()["graphs"])
+    except ValueError as e:
+        raise ExportError(f"{path}: invalid manifest: runtime: {e}") from None
+    return manifest, runtime
 
 
 def file_inside(directory: Path, name: str) -> Path:
@@ -143,14 +162,16 @@ def file_inside(directory: Path, name: str) -> Path:
 
 
 def open_session(path: Path, graph: dict[str, Any], options: ort.SessionOptions) -> ort.InferenceSession:
-    """An onnxruntime session for the graph file ``path``, whose inputs must be those the manifest declares."""
+    """An onnxruntime session for the graph file ``path``, whose inputs and outputs must be those the manifest
+    declares (the runtime was checked against the manifest's names)."""
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises types of its own (InvalidProtobuf, Fail, ...) for a damaged graph
         raise ExportError(f"{path}: not a usable ONNX graph: {summary(e)}") from None
-    names = sorted(i.name for i in session.get_inputs())
-    if names != sorted(value["name"] for value in graph["inputs"]):
-        raise ExportError(f"{path}: the graph's inputs ({', '.join(names)}) are not those the manifest declares")
+    for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        names = sorted(value.name for value in values)
+        if names != sorted(value["name"] for value in graph[side]):
+            raise ExportError(f"{path}: the graph's {side} ({', '.join(names)}) are not those the manifest declares")
     return session
 
 
@@ -158,7 +179,7 @@ class OnnxCaptioner:
     def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None):
         """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core)."""
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest, self.runtime = read_manifest(self.directory)
         key = "int8_file" if int8 else "file"
         options = ort.SessionOptions()
         if threads:
@@ -174,6 +195,8 @@ class OnnxCaptioner:
             self.tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
             raise ExportError(f"{tokenizer}: unreadable tokenizer: {summary(e)}") from None
+        step_inputs = [value["name"] for value in self.manifest["graphs"][self.runtime.step]["inputs"]]
+        self.cache = self.runtime.cache_names(step_inputs)  # (past input, present output) pairs
         generate = self.manifest["generate"]
         if generate["num_beams"] > 1 or generate["do_sample"] or generate["repetition_penalty"] != 1:
             warnings.warn("the recipe asks for beam search, sampling or a repetition penalty; OnnxCaptioner decodes "
@@ -233,32 +256,32 @@ class OnnxCaptioner:
         return ids
 
     def start(self, pixel_values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The image's first decoder step (prefix and prompt ids, or the start token): logits (B, V) of the first
-        caption token, and what the next step feeds."""
-        batch = len(pixel_values)
-        image = self.run("vision_encoder", {"pixel_values": pixel_values})
-        feed = {}
-        for value in self.manifest["graphs"]["decoder"]["inputs"]:
-            if value["name"].startswith(PAST):  # empty past: every symbolic dim but the batch is the past length
-                shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in value["shape"]]
+        """The image graphs, then the first step (with the prompt ids): logits (B, V) of the first caption token, and
+        what the next step feeds."""
+        runtime, batch = self.runtime, len(pixel_values)
+        given = {PIXELS: pixel_values}
+        for graph in runtime.image:
+            given.update(self.run(graph, given))
+        feed = {name: given[name] for name in [*runtime.every_step, *runtime.first_step]}
+        axis = runtime.cache.length_axis
+        for value in self.manifest["graphs"][runtime.step]["inputs"]:
+            if value["name"] in dict(self.cache):  # an empty past: the batch, length 0, the other dims as declared
+                shape = [batch, *(0 if i == axis else d for i, d in enumerate(value["shape"]) if i > 0)]
                 feed[value["name"]] = np.zeros(shape, dtype=value["dtype"])
-        if self.manifest["system"] == "prefix":
-            feed["prefix_embeds"] = self.run("connector", image)["prefix_embeds"]
-        else:
-            feed.update(image)  # the cross-attention keys and values, read on every step
         prompt = np.asarray(self.tokens["prompt_ids"], dtype=np.int64)
         return self.step(feed, np.tile(prompt, (batch, 1)))
 
     def step(self, feed: dict[str, np.ndarray], input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One decoder step: input_ids (B, T) after the cached past -> logits (B, V) and the next step's feed."""
-        past = feed[f"{PAST}0.key"].shape[2]
-        prefix = feed["prefix_embeds"].shape[1] if "prefix_embeds" in feed else 0
-        mask = np.ones((len(input_ids), past + prefix + input_ids.shape[1]), dtype=np.int64)
-        outputs = self.run("decoder", {**feed, "input_ids": input_ids, "attention_mask": mask})
-        feed = {**feed, **{PAST + k.removeprefix(PRESENT): v for k, v in outputs.items() if k.startswith(PRESENT)}}
-        if "prefix_embeds" in feed:
-            feed["prefix_embeds"] = feed["prefix_embeds"][:, :0]  # the prefix is in the cache now
-        return outputs["logits"], feed
+        """One step: input_ids (B, T) after the cached past -> logits (B, V) and the next step's feed."""
+        runtime = self.runtime
+        past = feed[self.cache[0][0]].shape[runtime.cache.length_axis]
+        first = sum(feed[name].shape[axis] for name, axis in runtime.first_step.items())  # 0 after the first step
+        mask = np.ones((len(input_ids), past + first + input_ids.shape[1]), dtype=np.int64)
+        outputs = self.run(runtime.step, {**feed, INPUT_IDS: input_ids, ATTENTION_MASK: mask})
+        feed = {**feed, **{past_name: outputs[present] for past_name, present in self.cache}}
+        for name, axis in runtime.first_step.items():  # in the cache now
+            feed[name] = np.take(feed[name], [], axis=axis)
+        return outputs[LOGITS], feed
 
     def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph on the inputs it takes from ``feed``; outputs by name."""

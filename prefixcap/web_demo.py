@@ -9,7 +9,8 @@ works on it too) plus:
     index.html, app.js     the page: pick or drop images, each caption with its time and a ready-to-copy alt="..."
     style.css              its style (a file: index.html's Content-Security-Policy allows nothing inline)
     caption.js             the captioner, a port of prefixcap.onnx_captioner.OnnxCaptioner: preprocessing (PIL's
-                           float bicubic resampler, bit for bit), greedy decoding with the KV cache, detokenisation
+                           float bicubic resampler, bit for bit), greedy decoding with the KV cache as the manifest's
+                           runtime section says (any system's export), detokenisation
     tokens.web.json        the token table caption.js decodes with (below)
     ort/                   onnxruntime-web's wasm backend, copied from its npm package (web/package.json pins it)
 

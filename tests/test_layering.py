@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # registered name ("module:factory"), never by import; so System.save and System.load can call them.
     # hub resolves hub ids for persist and pushes what persist saved.
     ("assembly", ["recipe", "compose", "persist", "hub"]),
-    ("contracts", ["interfaces"]),
+    ("contracts", ["interfaces", "onnx_spec", "onnx_parts"]),
     ("components", ["encoders*", "connectors*", "decoders*", "losses*", "systems*", "data", "data.shapes",
                     "data.sources", "metrics.clipscore"]),
     ("data path", ["data.cache", "data.loader"]),

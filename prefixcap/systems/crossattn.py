@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, System
 from prefixcap.weights import load_into, module_state, save_transformers, transformers_names
 from prefixcap.config import GenerateConfig
 from prefixcap.systems import CrossAttnOptions
+
+if TYPE_CHECKING:
+    from prefixcap.onnx_parts import OnnxPlan
 
 # `tiny`: the default checkpoints' classes, scaled down. ViT: 32x32 images, 8x8 patches -> 16 patches + the class
 # token, width 64. GPT-2: width 64, with the tiny tokenizer's vocabulary (prefixcap.decoders.tokenizer).
@@ -272,6 +275,13 @@ class CrossAttnSystem(System):
             decoder_start_token_id=dec.start_id, eos_token_id=dec.eos_id, pad_token_id=dec.pad_id, **sampling,
         )  # (B, 1 + T_new): the start token, then the caption
         return [t.strip() for t in dec.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def onnx_export(self) -> OnnxPlan:
+        """The ViT and every block's cross-attention keys and values once per image, then GPT-2 steps (see
+        prefixcap/systems/crossattn_onnx.py)."""
+        from prefixcap.systems.crossattn_onnx import onnx_plan
+
+        return onnx_plan(self)
 
     @classmethod
     def write_tiny_checkpoint(cls, directory: Path, options: CrossAttnOptions | None = None) -> dict[str, Any]:

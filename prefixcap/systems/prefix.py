@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -9,6 +11,9 @@ from prefixcap.errors import CompositionError
 from prefixcap.interfaces import Batch, Connector, Decoder, Encoder, Loss, System, SystemOutput
 from prefixcap.config import GenerateConfig
 from prefixcap.systems import PrefixOptions
+
+if TYPE_CHECKING:
+    from prefixcap.onnx_parts import OnnxPlan
 
 
 class PrefixSystem(System):
@@ -58,3 +63,23 @@ class PrefixSystem(System):
         ids = self.decoder.generate(inputs, mask, config)
         texts = self.decoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    def onnx_export(self) -> OnnxPlan:
+        """vision_encoder: pixel_values -> image_tokens; connector: image_tokens -> prefix_embeds; decoder: the
+        prefix (first step only) and the prompt ids, then one token a step, with its KV cache; LoRA merged."""
+        from prefixcap.onnx_parts import BATCH_DIMS, Graph, OnnxPlan, Runtime, example_pixels, merge_lora
+        from prefixcap.onnx_parts import prefix_decoder_graph
+
+        lm, merged = merge_lora(getattr(self.decoder, "model", None))
+        pixels = example_pixels(self.encoder)
+        with torch.no_grad():
+            tokens = self.encoder(pixels)
+        graphs = {
+            "vision_encoder": Graph(self.encoder, (pixels,), ["pixel_values"], ["image_tokens"], (BATCH_DIMS,)),
+            "connector": Graph(self.connector, (tokens,), ["image_tokens"], ["prefix_embeds"], (BATCH_DIMS,)),
+            "decoder": prefix_decoder_graph(lm, "prefix_embeds"),
+        }
+        runtime = Runtime(image=["vision_encoder", "connector"], step="decoder", first_step={"prefix_embeds": 1})
+        tokenizer = self.decoder.tokenizer
+        return OnnxPlan(graphs, runtime, tokenizer=tokenizer, prompt_ids=self.decoder.prompt_ids().tolist(),
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, lora_merged=merged)  # fmt: skip

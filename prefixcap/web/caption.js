@@ -2,7 +2,8 @@
 //
 // A port of prefixcap/onnx_captioner.py (OnnxCaptioner), which is the reference: the same preprocessing from
 // manifest.json (its resize is PIL's float bicubic, ported below bit for bit), the same greedy decoding with the KV
-// cache, and the same text as tokenizers' decode, from the token table the export wrote and checked
+// cache as the manifest's runtime section says (prefixcap/onnx_spec.py: the graphs run once per image, what the step
+// graph is fed and when), and the same text as tokenizers' decode, from the token table the export wrote and checked
 // (prefixcap/web_demo.py). Plain ES module, no build step; onnxruntime-web is loaded from the export's ort/ folder.
 
 export class Captioner {
@@ -24,6 +25,7 @@ export class Captioner {
       files.push({ name, graph: exportUrl(base, `graphs.${name}.${key}`, graph[key]),
         data: data in manifest.files ? [{ path: data, data: exportUrl(base, `graphs.${name}.${key}`, data) }] : null });
     }
+    const runtime = checkRuntime(manifest); // the export checked it all (prefixcap/onnx_spec.py); this, what we read
     const ort = await import(moduleUrl);
     ort.env.wasm.wasmPaths = wasmPaths; // never a CDN
     // More threads need SharedArrayBuffer, which browsers only give cross-origin isolated pages: headers that
@@ -36,13 +38,19 @@ export class Captioner {
       sessions[name] = await ort.InferenceSession.create(graph, options);
     }
     const table = await fetchJson(tokens);
-    return new Captioner(ort, manifest, sessions, table, graphs);
+    return new Captioner(ort, manifest, sessions, table, graphs, runtime);
   }
 
-  constructor(ort, manifest, sessions, table, graphs) {
-    Object.assign(this, { ort, manifest, sessions, table, graphs });
+  constructor(ort, manifest, sessions, table, graphs, runtime) {
+    Object.assign(this, { ort, manifest, sessions, table, graphs, runtime });
     this.tokens = manifest.tokens;
     this.skip = new Set(table.skip);
+    // The step graph's cache: each past input and the present output it comes back as (Runtime.cache_names).
+    const { past, present } = runtime.cache;
+    const other = new Set(['input_ids', 'attention_mask', ...runtime.every_step, ...Object.keys(runtime.first_step)]);
+    this.cache = new Map(manifest.graphs[runtime.step].inputs.map((v) => v.name)
+      .filter((name) => name.startsWith(past) && !other.has(name))
+      .map((name) => [name, present + name.slice(past.length)]));
   }
 
   // One image file -> { caption, ids, ms }: ms counts preprocessing, the graphs and decoding, not reading the file.
@@ -101,37 +109,38 @@ export class Captioner {
     return ids;
   }
 
-  // The image's first decoder step: logits of the first caption token, and what the next step feeds.
+  // The image graphs, then the first step (with the prompt ids): logits of the first caption token, and what the
+  // next step feeds.
   async start(pixelValues) {
-    const image = await this.run('vision_encoder', { pixel_values: pixelValues });
+    const runtime = this.runtime;
+    const given = { pixel_values: pixelValues };
+    for (const graph of runtime.image) Object.assign(given, await this.run(graph, given));
     const feed = {};
-    for (const value of this.manifest.graphs.decoder.inputs) {
-      if (value.name.startsWith('past_key_values.')) { // empty past: every symbolic dim but the batch is its length
-        const shape = value.shape.map((d) => (d === 'batch' ? 1 : typeof d === 'string' ? 0 : d));
+    for (const name of [...runtime.every_step, ...Object.keys(runtime.first_step)]) feed[name] = given[name];
+    const axis = runtime.cache.length_axis;
+    for (const value of this.manifest.graphs[runtime.step].inputs) {
+      if (this.cache.has(value.name)) { // an empty past: the batch, length 0, the other dims as declared
+        const shape = value.shape.map((d, i) => (i === 0 ? 1 : i === axis ? 0 : d));
         feed[value.name] = this.tensor(value.dtype, [], shape);
       }
-    }
-    if (this.manifest.system === 'prefix') {
-      feed.prefix_embeds = (await this.run('connector', image)).prefix_embeds;
-    } else {
-      Object.assign(feed, image); // the cross-attention keys and values, read on every step
     }
     return this.step(feed, this.tokens.prompt_ids);
   }
 
-  // One decoder step: ids after the cached past -> [logits (1, V), the next step's feed].
+  // One step: ids after the cached past -> [logits (1, V), the next step's feed].
   async step(feed, ids) {
-    const past = feed['past_key_values.0.key'].dims[2];
-    const prefix = feed.prefix_embeds ? feed.prefix_embeds.dims[1] : 0;
+    const runtime = this.runtime;
+    const past = feed[this.cache.keys().next().value].dims[runtime.cache.length_axis];
+    let first = 0; // the first-step inputs' lengths: 0 after the first step
+    for (const [name, axis] of Object.entries(runtime.first_step)) first += feed[name].dims[axis];
+    const total = past + first + ids.length;
     const inputIds = this.tensor('int64', ids.map(BigInt), [1, ids.length]);
-    const mask = this.tensor('int64', Array(past + prefix + ids.length).fill(1n), [1, past + prefix + ids.length]);
-    const outputs = await this.run('decoder', { ...feed, input_ids: inputIds, attention_mask: mask });
+    const mask = this.tensor('int64', Array(total).fill(1n), [1, total]);
+    const outputs = await this.run(runtime.step, { ...feed, input_ids: inputIds, attention_mask: mask });
     const next = { ...feed };
-    for (const [name, value] of Object.entries(outputs)) {
-      if (name.startsWith('present.')) next['past_key_values.' + name.slice('present.'.length)] = value;
-    }
-    if (next.prefix_embeds) { // the prefix is in the cache now
-      next.prefix_embeds = this.tensor('float32', [], [1, 0, feed.prefix_embeds.dims[2]]);
+    for (const [name, present] of this.cache) next[name] = outputs[present];
+    for (const [name, axis] of Object.entries(runtime.first_step)) { // in the cache now
+      next[name] = this.tensor(feed[name].type, [], feed[name].dims.map((d, i) => (i === axis ? 0 : d)));
     }
     return [outputs.logits, next];
   }
@@ -354,6 +363,19 @@ export function exportUrl(base, field, path, { folder = false } = {}) {
       `${folder ? 'folder' : 'file'} inside the export folder (the page loads nothing from anywhere else)`);
   }
   return url.href;
+}
+
+// The manifest's runtime section, if every graph it names is one of the manifest's graphs (an export written before
+// prefixcap-onnx/2 has none: its page came with it, and a page of this version needs the export made again).
+function checkRuntime(manifest) {
+  const runtime = manifest.runtime;
+  if (!runtime || !Array.isArray(runtime.image) || !runtime.cache) {
+    throw new Error(`manifest.json has no runtime section (format ${manifest.format}): export the model again`);
+  }
+  for (const name of [...runtime.image, runtime.step]) {
+    if (!Object.hasOwn(manifest.graphs, name)) throw new Error(`manifest.json's runtime names no graph ${name}`);
+  }
+  return runtime;
 }
 
 async function fetchJson(url) {

@@ -161,7 +161,7 @@ def test_a_deep_manifest_is_refused_by_the_cli_for_systems_and_exports(saved, ex
     (path / "manifest.json").write_text(deep_manifest("prefixcap-system/1", DEEP))
     refused(run_cli("caption", str(path), str(image)), str(path / "manifest.json"), "nested")
     onnx = copy_of(exported, tmp_path, "deep-onnx")
-    (onnx / "manifest.json").write_text(deep_manifest("prefixcap-onnx/1", DEEP))
+    (onnx / "manifest.json").write_text(deep_manifest("prefixcap-onnx/2", DEEP))
     refused(run_cli("caption", "--onnx", str(onnx), str(image)), str(onnx / "manifest.json"), "nested")
 
 
