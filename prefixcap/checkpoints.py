@@ -36,6 +36,23 @@ def snapshot_path(checkpoint: str) -> Path:
     return _SNAPSHOTS / (checkpoint.replace("/", "--") + ".json")
 
 
+def known_config(checkpoint: str) -> dict[str, Any] | None:
+    """The config.json of hub id ``checkpoint`` as found with no network: the copy prefixcap ships, else the Hugging
+    Face cache's (what a `checkpoint: tiny` shrinks); None when neither holds it."""
+    path = snapshot_path(checkpoint)
+    if not path.exists():
+        path = _cached(checkpoint, "config.json", "model", None) if hub_id(checkpoint) else None
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CompositionError(f"{path}: unreadable config of {checkpoint!r}: {summary(e)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise CompositionError(f"{path}: the config of {checkpoint!r} names no model_type")
+    return data
+
+
 def load_config(checkpoint: str, config_cls: Any, tiny: dict[str, Any]) -> Any:
     """The architecture config of ``checkpoint`` (a transformers PretrainedConfig subclass or AutoConfig)."""
     if checkpoint == TINY:

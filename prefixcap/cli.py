@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
+import textwrap
 from functools import wraps
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from prefixcap import __version__
 from prefixcap.errors import PrefixcapError, summary
@@ -128,12 +132,13 @@ def validate(recipe: str, overrides: tuple[str, ...], as_json: bool):
         }, indent=2))  # fmt: skip
         return
     table = Table(title=_shown(f"{report.recipe.source}: system {report.system!r}"), title_justify="left")
-    for col, justify in (("section", "left"), ("component", "left"), ("checkpoint", "left"),
+    for col, justify in (("section", "left"), ("component", "left"), ("architecture", "left"), ("checkpoint", "left"),
                          ("params", "right"), ("trainable", "right")):  # fmt: skip
         table.add_column(col, justify=justify, overflow="fold")
     for c in report.components:
-        table.add_row(_shown(c.slot), _shown(c.name), _shown(c.checkpoint or ""), f"{c.total:,}", f"{c.trainable:,}")
-    table.add_row("[bold]total[/]", "", "", f"[bold]{report.total:,}[/]", f"[bold]{report.trainable:,}[/]")
+        table.add_row(*map(_shown, (c.slot, c.name, c.architecture, c.checkpoint or "")), f"{c.total:,}",
+                      f"{c.trainable:,}")  # fmt: skip
+    table.add_row("[bold]total[/]", "", "", "", f"[bold]{report.total:,}[/]", f"[bold]{report.trainable:,}[/]")
     out.print(table)
     details = []
     if report.prefix_tokens is not None:

@@ -28,6 +28,7 @@ class ComponentReport:
     checkpoint: str | None
     total: int
     trainable: int
+    architecture: str = ""  # the model class it is made of (Component.architecture), e.g. "LlamaForCausalLM"
 
 
 @dataclass
@@ -174,7 +175,7 @@ def validate(recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequenc
         checkpoint = getattr(spec.options, "checkpoint", None) if slot in specs else getattr(module, "checkpoint", None)
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        parts.append(ComponentReport(slot, kind, spec.name, checkpoint, total, trainable))
+        parts.append(ComponentReport(slot, kind, spec.name, checkpoint, total, trainable, module.architecture))
     total, trainable = system.parameter_counts()
     decoder = getattr(system, "decoder", None)
     return ValidationReport(

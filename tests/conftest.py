@@ -156,7 +156,9 @@ def with_plugin(plugin_site, monkeypatch):
 TINY = {
     "encoder": {"name": "siglip", "checkpoint": "tiny"},
     "connector": {"name": "mlp", "hidden": 32, "dropout": 0.0},
-    "decoder": {"name": "smollm", "checkpoint": "tiny", "lora": {"r": 4, "dropout": 0.0}},
+    # grouped-query attention, as the real SmolLM has (a tiny decoder has one key/value head per head unless asked)
+    "decoder": {"name": "smollm", "checkpoint": "tiny", "tiny": {"num_key_value_heads": 2},
+                "lora": {"r": 4, "dropout": 0.0}},
 }
 IMAGES = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
 CAPTIONS = ["a red square", "a dark blue square", "a white square"]

