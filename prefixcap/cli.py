@@ -67,7 +67,9 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 @_errors_to_exit_2
 def plugins(kind: str | None, as_json: bool):
-    """List registered components (builtins and installed plugins), and plugins that failed to load."""
+    """List registered components (builtins and installed plugins), and plugins that failed to load.
+
+    Exit code 0 when every plugin loaded, 1 when one is broken (each is listed, with its error)."""
     rows = list_components(kind)
     broken = registry().broken
     if as_json:
@@ -81,17 +83,59 @@ def plugins(kind: str | None, as_json: bool):
                         "error": b.error} for b in broken],
         }  # fmt: skip
         click.echo(json.dumps(data, indent=2))
+        if broken:
+            sys.exit(1)
         return
-    table = Table(title="prefixcap components", title_justify="left")
-    for col in ("kind", "name", "distribution", "version", "description"):
-        table.add_column(col, overflow="fold")
     # Names, versions, descriptions and errors come from third-party code: shown as text, never as rich markup.
-    for r in rows:
-        table.add_row(*map(_shown, (r.kind, r.name, r.provider.dist, r.provider.version, r.description)))
-    for b in broken:
-        table.add_row("[red]broken[/]", *map(_shown, (b.provider.plugin, b.provider.dist, b.provider.version)),
-                      f"[red]{_shown(b.error)}[/]")
-    out.print(table)
+    cells = [(r.kind, r.name, r.provider.dist, r.provider.version, r.description) for r in rows]
+    cells += [("broken", b.provider.plugin, b.provider.dist, b.provider.version, b.error) for b in broken]
+    _print_components([tuple(printable(str(c)) for c in row) for row in cells])
+    if broken:
+        by_dist: dict[str, list[str]] = {}
+        for b in broken:
+            dist = " ".join(filter(None, (b.provider.dist, b.provider.version)))
+            by_dist.setdefault(dist, []).append(b.provider.plugin)
+        names = "; ".join(d + (f" ({', '.join(filter(None, p))})" if any(p) else "") for d, p in by_dist.items())
+        them = "it" if len(broken) == 1 else "them"
+        err.print(_shown(f"{len(broken)} broken plugin{'s' * (len(broken) != 1)}: {names}. Fix or uninstall {them}, "
+                         f"or leave {them} out with PREFIXCAP_LOAD_PLUGINS"), highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _print_components(cells: list[tuple[str, ...]]) -> None:
+    """The plugins listing: (kind, name, distribution, version, description) rows, as a table where it fits, else as
+    one block per row. A name is copied into recipes and a distribution into pip, so neither is ever split; the
+    table needs their full widths plus room for a description's longest word up to 40 columns (3 columns of border
+    and padding per column, and one), and when the terminal is narrower each description goes under its row, wrapped
+    at spaces."""
+    columns = ("kind", "name", "distribution", "version", "description")
+    widest = [max(cell_len(row[i]) for row in [columns, *cells]) for i in range(len(columns))]
+    longest_word = max((cell_len(w) for row in cells for w in row[-1].split()), default=0)
+    if out.width - sum(widest[:-1]) - 3 * len(columns) - 1 >= max(24, min(longest_word, 40)):
+        table = Table(title="prefixcap components", title_justify="left")
+        for col in columns[:-1]:
+            table.add_column(col, no_wrap=True)
+        table.add_column(columns[-1], overflow="fold")  # a "word" over 40 columns (a path, a hash) folds
+        for row in cells:
+            style = "red" if row[0] == "broken" else None
+            table.add_row(*(Text(c, style=style if i in (0, 4) else None) for i, c in enumerate(row)))
+        out.print(table)
+        return
+    out.print("prefixcap components", highlight=False)
+    aligned = widest[0] + widest[1] + max(cell_len(f"{row[2]} {row[3]}") for row in cells) + 4 <= out.width
+    wrap = functools.partial(textwrap.wrap, width=max(out.width, 20), subsequent_indent="    ", break_long_words=False,
+                             break_on_hyphens=False)  # fmt: skip
+    for kind, name, dist, version, description in cells:
+        style = "red" if kind == "broken" else ""
+        # in columns where every row fits, else each row's words wrapped (still never split)
+        head = [f"{kind:<{widest[0]}}  {name:<{widest[1]}}  {dist} {version}".rstrip()] if aligned else \
+            wrap(f"{kind} {name} {dist} {version}")  # fmt: skip
+        for i, line in enumerate(head):
+            text = Text(line, style=style)
+            text.stylize("bold", 0, len(kind) if i == 0 else 0)
+            out.print(text, soft_wrap=True)
+        for line in wrap(description, initial_indent="    "):
+            out.print(Text(line, style=style), soft_wrap=True)
 
 
 @cli.command()
@@ -208,6 +252,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
     from prefixcap.training import Evaluated, Resumed, Started, Stepped, Stopped
     from prefixcap.training import run as run_recipe
 
+    _warn_broken_plugins()
     # A live bar on a terminal; plain lines (one per logged step) when stdout is a file or a pipe.
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                         TimeRemainingColumn(), console=out, disable=not out.is_terminal)  # fmt: skip
@@ -296,6 +341,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
             out.print(printable(f"{entry}: step {event.step:>6}  val {_metrics_line(event.shown())}"), markup=False,
                       highlight=False)  # fmt: skip
 
+    _warn_broken_plugins()
     result = run_bench(compare.split(","), out=out_dir, overrides=overrides, report=report, **options)
     p, env = result["protocol"], result["environment"]
     budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s"
@@ -496,6 +542,13 @@ def _shown(value: object) -> str:
     """Text from a recipe, a plugin or a file name, ready for rich: control characters escaped (no terminal escape
     sequence, such as clear-screen or a window title, reaches the screen) and markup escaped (shown as written)."""
     return escape(printable(str(value)))
+
+
+def _warn_broken_plugins() -> None:
+    """One line on stderr per plugin that failed to load: a run that then misses its component says "unknown", and a
+    run that does not need it still deserves to know."""
+    for b in registry().broken:
+        err.print(_shown(f"warning: broken plugin {b.origin}: {b.error}"), highlight=False, soft_wrap=True)
 
 
 def _say_downloads(event) -> None:

@@ -104,6 +104,9 @@ def compose(
         registration = get_component(kind, spec.name)
         factory = registration.load_factory()
         where = f"{_named(recipe_.location(loc))}{'.'.join(map(str, loc))} {spec.name!r}"
+        third_party = registration.provider.dist != "prefixcap"
+        if third_party:  # its error is the plugin's to fix: say whose
+            where += f" (from {registration.provider})"
         try:
             return with_spec(factory(spec.options, **wiring), spec.name, spec.options)
         except (PrefixcapError, OSError, ValueError) as e:
@@ -111,6 +114,11 @@ def compose(
         except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # torch refusing sizes it cannot allocate
             raise CompositionError(f"{where} cannot be built with these options (are the sizes right?): "
                                    f"{summary(e)}") from e
+        except Exception as e:  # a plugin's bug (KeyError, AttributeError, ...): a builtin's stays a traceback
+            if not third_party:
+                raise
+            raise CompositionError(f"{where} failed to build: {type(e).__name__}: {summary(e)}; report it to the "
+                                   f"authors of {registration.provider.dist} (PREFIXCAP_DEBUG=1 shows where)") from e
 
     # A system takes the sections it uses; the prefix system needs all three, the cross-attention baseline
     # owns its models, so each system checks its own inputs.

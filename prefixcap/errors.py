@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -20,11 +21,20 @@ class PluginError(PrefixcapError):
 class UnknownComponentError(PluginError):
     """No component of that kind and name is registered."""
 
-    def __init__(self, kind: str, name: str, suggestions: list[str], known: list[str]):
+    def __init__(self, kind: str, name: str, suggestions: list[str], known: list[str], broken: Sequence[str] = ()):
+        """``broken``: the plugins that failed to load and may have provided the name, each "origin: error"."""
         self.kind, self.name, self.suggestions, self.known = kind, name, suggestions, known
+        self.broken = list(broken)
         hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
         listing = ", ".join(known) if known else "none registered"
-        super().__init__(f"unknown {kind} {name!r}{hint} (registered {kind}s: {listing})")
+        # The broken plugins before the listing: a plugin that failed to load is a likelier story than a typo, and a
+        # recipe error is cut to one line of 400 characters, which keeps its start.
+        maybe = ""
+        if broken:
+            which = "a plugin" if len(broken) == 1 else f"one of {len(broken)} plugins"
+            maybe = f"{' Or' if hint else ';'} it may come from {which} that failed to load (see `prefixcap plugins`): "
+            maybe += "; ".join(broken)
+        super().__init__(f"unknown {kind} {name!r}{hint}{maybe} (registered {kind}s: {listing})")
 
 
 class CompositionError(PrefixcapError):

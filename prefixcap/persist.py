@@ -31,7 +31,7 @@ import torch
 
 from prefixcap import checkpoints
 from prefixcap.card import card_name, system_card, write_card
-from prefixcap.errors import SavedSystemError
+from prefixcap.errors import RecipeError, SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
 from prefixcap.hf_config import write_hf_config
 from prefixcap.hub import resolve
@@ -98,7 +98,9 @@ def refuse_unrebuildable(system: Any) -> None:
     if not getattr(system, "uses_components", True):  # it builds its parts itself, from its own options
         return
     named = {".".join(map(str, loc)) for loc, _, _ in system.recipe.components()}
-    missing = [slot for slot, _ in system.parts() if slot not in named]
+    # Only the recipe's slots: a part a system builds itself (a plugin system's own trained token) comes back with it.
+    slots = ("encoder", "connector", "decoder")
+    missing = [slot for slot, _ in system.parts() if slot not in named and slot.split(".")[0] in (*slots, "losses")]
     if missing:
         raise SavedSystemError(
             f"cannot save this system: its {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} given to "
@@ -170,6 +172,19 @@ def _check_trained_parts(directory: Path, system: Any, files: dict[str, list[str
                                    "the saved system is incomplete")
 
 
+def _check_providers(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every component the manifest records is registered here; if one is not, say which distribution provided it
+    and how to get it back (compose would only say "unknown decoder")."""
+    from prefixcap.registry import KINDS, why_unregistered
+
+    recorded = manifest.get("components")
+    for entry in recorded.values() if isinstance(recorded, dict) else []:
+        if isinstance(entry, dict) and entry.get("kind") in KINDS and isinstance(entry.get("name"), str):
+            problem = why_unregistered(entry["kind"], entry["name"], entry.get("distribution"), entry.get("version"))
+            if problem is not None:
+                raise SavedSystemError(f"{directory}: {problem}")
+
+
 def load_system(directory: str | Path, device: str | torch.device | None = None, *,
                 trust_remote_code: bool = False) -> Any:  # fmt: skip
     """Rebuild a saved system: compose from the manifest's recipe, then load the trained tensors."""
@@ -184,8 +199,13 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
                                "trust_remote_code=True) only if you trust them")  # fmt: skip
     if not isinstance(manifest.get("recipe"), dict):
         raise SavedSystemError(f"{directory / 'manifest.json'}: no recipe to rebuild the system from")
+    _check_providers(directory, manifest)
     files = _listed_files(directory, manifest.get("files", {}))
-    system = compose(manifest["recipe"])
+    try:
+        system = compose(manifest["recipe"])
+    except RecipeError as e:  # the recipe is the manifest's: name it, each line (a dict recipe has no file to name)
+        where = directory / "manifest.json"
+        raise SavedSystemError("\n".join(f"{where}: recipe: {line}" for line in str(e).splitlines())) from e
     _check_trained_parts(directory, system, files)
     system.load_trained(directory)
     if device is not None:

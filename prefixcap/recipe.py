@@ -240,7 +240,7 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            f"{name}: a recipe is a mapping of sections ({', '.join(Recipe.model_fields)}), "
+            f"{_at(name)}a recipe is a mapping of sections ({', '.join(Recipe.model_fields)}), "
             f"got {type(data).__name__}"
         )
     new = {apply_override(data, assignment) for assignment in overrides}
@@ -248,8 +248,8 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
         lines = {loc: n for loc, n in lines.items() if not any(len(loc) > len(o) and loc[: len(o)] == o for o in new)}
         overridden |= new
 
-    def where(loc: Loc) -> str:
-        return _location(name, lines, overridden, loc)
+    def where(loc: Loc) -> str:  # ``file:line: `` to start a problem with
+        return _at(_location(name, lines, overridden, loc))
 
     # Components and sections are checked independently so one run reports every problem, in file order.
     problems: list[str] = []
@@ -261,14 +261,14 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequ
             message = str(e)
             if isinstance(e, UnknownComponentError):  # the name as written may be long or hold control characters
                 message = message.replace(repr(e.name), short(e.name), 1)
-            problems.append(f"{where(loc + ('name',))}: {dotted(loc + ('name',))}: {message}")
+            problems.append(f"{where(loc + ('name',))}{dotted(loc + ('name',))}: {message}")
             continue
         try:
             options[loc] = registration.parse_options({k: v for k, v in spec.items() if k != "name"})
         except ValidationError as e:
             problems += _format(e, loc, where, registration.options)
         except Exception as e:  # a plugin's own validator may raise anything; it is still this recipe's problem
-            problems.append(f"{where(loc)}: {dotted(loc)}: options rejected by {registration.provider}: {summary(e)}")
+            problems.append(f"{where(loc)}{dotted(loc)}: options rejected by {registration.provider}: {summary(e)}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -321,6 +321,11 @@ def _raw_components(data: dict[str, Any]) -> list[tuple[Loc, str, dict[str, Any]
     return out
 
 
+def _at(location: str) -> str:
+    """``location: `` to start a message with; nothing for a recipe given as a dict, which has no file or line."""
+    return "" if location == "<dict>" else f"{location}: "
+
+
 def _location(source: str, lines: dict[Loc, int], overridden: set[Loc], loc: Loc) -> str:
     for n in range(len(loc), -1, -1):
         sub = loc[:n]
@@ -341,12 +346,12 @@ def _plain(data: Any, loc: Loc = (), count: list[int] | None = None) -> Any:
     count = [0] if count is None else count
     count[0] += 1
     if count[0] > MAX_YAML_NODES:
-        raise TooBig(f"<dict>: recipe is too large or expands without bound (over {MAX_YAML_NODES} values)")
+        raise TooBig(f"recipe is too large or expands without bound (over {MAX_YAML_NODES} values)")
     if len(loc) > MAX_DEPTH:
-        raise TooBig(f"<dict>: recipe nests deeper than {MAX_DEPTH} levels, or refers to itself")
+        raise TooBig(f"recipe nests deeper than {MAX_DEPTH} levels, or refers to itself")
     if isinstance(data, int) and not -_INT_LIMIT < data < _INT_LIMIT:
         # accepted, it would fail later with a bare ValueError when the run writes recipe.resolved.yaml
-        raise RecipeError(one_line(f"<dict>: {dotted(loc) or '(top level)'}: an integer of more than "
+        raise RecipeError(one_line(f"{dotted(loc) or '(top level)'}: an integer of more than "
                                     f"{_MAX_INT_DIGITS} digits, too long to write out"))  # fmt: skip
     if isinstance(data, ComponentSpec):
         data = data.model_dump()
@@ -372,7 +377,7 @@ def _format(e: ValidationError, prefix: Loc, where, root: type[BaseModel]) -> li
             msg = "required but missing"
         else:
             msg = f"{short(str(err['msg']), 200, quote=False)}; got {short(err.get('input'))}"
-        out.append(f"{where(loc)}: {key}: {msg}")
+        out.append(f"{where(loc)}{key}: {msg}")
     return out
 
 

@@ -10,7 +10,9 @@ an empty string loads builtins only, ``"a,b"`` loads builtins plus distributions
 installed plugin distribution is reported as broken, with the close matches).
 
 A plugin that fails never stops the others: an import or a hook that raises (SystemExit included), an invalid
-registration, a hook name prefixcap does not have, or a name already registered is recorded in ``Registry.broken``.
+registration, a hook name prefixcap does not have, a module with no ``@hookimpl``, or a name already registered is
+recorded in ``Registry.broken``. Each hook call is a transaction: what a call registered before it raised is withdrawn,
+so a half-registered plugin never looks usable until build time.
 A builtin keeps its name: a third-party plugin registering the same kind and name is the broken one. Two third-party
 plugins registering the same name make it ambiguous until one is uninstalled or left out by PREFIXCAP_LOAD_PLUGINS.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata as metadata
+import inspect
 import os
 import re
 import traceback
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefixcap import hookspecs
 from prefixcap.checkpoints import Need, checkpoint_needs
 from prefixcap.errors import PluginError, UnknownComponentError, first_line
+from prefixcap.yaml_text import short
 
 ENTRY_POINT_GROUP = "prefixcap"
 SELF_DIST = "prefixcap"
@@ -115,6 +119,15 @@ class BrokenPlugin:
 
     provider: Provider
     error: str
+    # The kinds whose components it may have failed to provide: None when that is unknown (its import failed), so an
+    # unknown name of any kind points at it; () when it cannot explain a missing name (a clash: the name exists).
+    kinds: tuple[str, ...] | None = None
+
+    @property
+    def origin(self) -> str:
+        """``dist version (plugin entry point)``, or the bare name PREFIXCAP_LOAD_PLUGINS gave."""
+        p = self.provider
+        return " ".join(filter(None, (p.dist, p.version))) + (f" (plugin {p.plugin})" if p.plugin else "")
 
 
 @dataclass
@@ -136,7 +149,9 @@ class Registry:
             return self.components[(kind, name)]
         except KeyError:
             known = sorted(n for k, n in self.components if k == kind)
-            raise UnknownComponentError(kind, name, difflib.get_close_matches(name, known, n=3, cutoff=0.5), known)
+            suspects = [f"{b.origin}: {b.error}" for b in self.broken if b.kinds is None or kind in b.kinds]
+            raise UnknownComponentError(kind, name, difflib.get_close_matches(name, known, n=3, cutoff=0.5), known,
+                                        suspects) from None  # fmt: skip
 
     def list(self, kind: str | None = None, pattern: str | None = None) -> list[Registration]:
         if kind is not None:
@@ -200,8 +215,9 @@ def _plugin_entry_points(reg: Registry | None = None) -> list[tuple[Provider, me
 
 
 def _short_error(e: BaseException) -> str:
-    """One line, at most ~300 characters, whatever the plugin raised (its message may be long, or multi-line)."""
-    frame = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    """One line, at most ~300 characters, whatever the plugin raised (its message may be long, or multi-line), with
+    the plugin's own line that raised it (not register()'s, when register refused what the plugin gave it)."""
+    frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__][-1:]
     where = f" ({os.path.basename(frame[0].filename)}:{frame[0].lineno})" if frame else ""
     try:
         message = " ".join(str(e).split())
@@ -228,51 +244,109 @@ def load_registry() -> Registry:
             reg.broken.append(BrokenPlugin(provider, f"cannot load {ep.value}: {_short_error(e)}"))
             continue
         providers[plugin_name] = provider
-        unknown = sorted(n for n in dir(module) if hasattr(getattr(module, n, None), f"{pm.project_name}_impl")
-                         and n not in HOOKS.values())  # fmt: skip
-        if unknown:  # e.g. register_decoder for register_decoders: pluggy would ignore it, registering nothing
-            reg.broken.append(BrokenPlugin(provider, f"{ep.value} implements {', '.join(unknown)}, which prefixcap "
-                                           f"does not call (its hooks: {', '.join(HOOKS.values())})"))  # fmt: skip
+        problem = _hook_problem(module, ep.value, bool(pm.get_hookcallers(module)))
+        if problem is not None:
+            reg.broken.append(BrokenPlugin(provider, *problem))
 
     for kind in KINDS:
         hook = getattr(pm.hook, HOOKS[kind])
         for impl in hook.get_hookimpls():
             provider = providers[impl.plugin_name]
-
-            def register(name, factory, options=ComponentOptions, description="", _kind=kind, _p=provider):
-                _add(reg, _kind, name, factory, options, description, _p)
-
-            try:
-                # Called one plugin at a time so a hook that raises only breaks its own plugin.
-                impl.function(*[{"register": register}[a] for a in impl.argnames])
-            except (Exception, SystemExit) as e:
-                reg.broken.append(BrokenPlugin(provider, f"{HOOKS[kind]} failed: {_short_error(e)}"))
+            made, error = _call_hook(impl, kind, provider)
+            if error is None:
+                for registration in made:
+                    _add(reg, registration)
+                continue
+            if made:
+                error += f"; so what it registered is withdrawn ({', '.join(f'{r.kind} {r.name!r}' for r in made)})"
+            reg.broken.append(BrokenPlugin(provider, error, (kind,)))
     return reg
 
 
-def _add(reg: Registry, kind, name, factory, options, description, provider: Provider) -> None:
+_HOOK_HOW = "mark each hook function with @hookimpl (`from prefixcap import hookimpl`)"
+
+
+def _hook_problem(module: Any, where: str, has_hooks: bool) -> tuple[str, tuple[str, ...] | None] | None:
+    """Why a plugin module would silently register nothing, or less than it means to, with the kinds affected: a hook
+    name prefixcap does not have (pluggy ignores it), a hook function without @hookimpl, or no hook at all."""
+    impl, spec = "prefixcap_impl", "prefixcap_spec"  # the attributes pluggy's markers set
+    hooks = list(HOOKS.values())
+    unknown = sorted(n for n in dir(module) if hasattr(getattr(module, n, None), impl) and n not in hooks)
+    if unknown:  # e.g. register_decoder for register_decoders
+        kinds = {k for n in unknown for k, h in HOOKS.items() if h in difflib.get_close_matches(n, hooks, 1)}
+        return (f"{where} implements {', '.join(unknown)}, which prefixcap does not call (its hooks: "
+                f"{', '.join(hooks)})", tuple(sorted(kinds, key=KINDS.index)) or None)  # fmt: skip
+    defined = {k: getattr(module, h, None) for k, h in HOOKS.items()}
+    # a function named like a hook without the marker; one imported from hookspecs (a spec) is no forgotten hook
+    unmarked = [k for k, f in defined.items() if inspect.isfunction(f) and not any(hasattr(f, m) for m in (impl, spec))]
+    if unmarked:
+        names = ", ".join(HOOKS[k] for k in unmarked)
+        return f"{where} defines {names} without @hookimpl, so prefixcap never calls it; {_HOOK_HOW}", tuple(unmarked)
+    if not has_hooks:
+        return (f"{where} implements none of prefixcap's hooks ({', '.join(hooks)}), so it registers "
+                f"nothing; {_HOOK_HOW}", None)  # fmt: skip
+    return None
+
+
+def _call_hook(impl: Any, kind: str, provider: Provider) -> tuple[list[Registration], str | None]:
+    """Call one plugin's hook, one plugin at a time so that a hook that raises only breaks its own plugin: what it
+    registered, and None or the error that withdraws all of it (a registration refused counts even if the hook
+    caught the error, and so does a hook that registered nothing but returned something: async, a generator)."""
+    made: list[Registration] = []
+    refused: list[str] = []
+
+    def register(name, factory, options=ComponentOptions, description=""):
+        try:
+            made.append(_registration(kind, name, factory, options, description, provider))
+        except PluginError as e:
+            refused.append(str(e))
+            raise
+
+    try:
+        result = impl.function(*[{"register": register}[a] for a in impl.argnames])
+    except (Exception, SystemExit) as e:
+        return made, f"{HOOKS[kind]} failed: {_short_error(e)}"
+    if refused:
+        return made, f"{HOOKS[kind]} failed: PluginError: {refused[0]}"
+    if result is not None and not made:
+        if inspect.iscoroutine(result) or inspect.isgenerator(result):
+            result.close()  # never run: closed, so Python does not warn that it was never awaited
+        return made, (f"{HOOKS[kind]} returned a {type(result).__name__} and registered nothing; a hook is a plain "
+                      "function (not async, no yield) that calls register(...) once per component")
+    return made, None
+
+
+def _registration(kind, name, factory, options, description, provider: Provider) -> Registration:
+    """What a plugin's register(...) call gave, checked: a bad name, factory or options model is refused at once."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise PluginError(f"invalid {kind} name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
+        raise PluginError(f"invalid {kind} name {short(name)}: use lowercase letters, digits, '.', '_' or '-'")
     if not isinstance(factory, str) or ":" not in factory:
-        raise PluginError(f"{kind} {name!r}: factory must be a 'module:attribute' string, got {factory!r}")
+        raise PluginError(f"{kind} {name!r}: factory must be a 'module:attribute' string, got {short(factory)}")
     if not (isinstance(options, type) and issubclass(options, ComponentOptions)):
-        raise PluginError(f"{kind} {name!r}: options must subclass prefixcap.ComponentOptions, got {options!r}")
-    summary_line = first_line(description or "")
+        raise PluginError(f"{kind} {name!r}: options must subclass prefixcap.ComponentOptions, got {short(options)}")
+    if description is not None and not isinstance(description, str):
+        raise PluginError(f"{kind} {name!r}: description must be a string, got {short(description)}")
+    return Registration(kind, name, factory, options, first_line(description or ""), provider)
+
+
+def _add(reg: Registry, registration: Registration) -> None:
+    kind, name, provider = registration.kind, registration.name, registration.provider
     key = (kind, name)
     builtin = reg.components.get(key)
     if builtin is not None and _normalise(builtin.provider.dist) == SELF_DIST:  # a plugin cannot take a builtin's name
-        reg.broken.append(BrokenPlugin(provider, f"{kind} {name!r} clashes with the builtin one (prefixcap "
-                                                 f"{builtin.provider.version}), which stays; rename it"))  # fmt: skip
+        clash = f"{kind} {name!r} clashes with the builtin one (prefixcap {builtin.provider.version}), which stays"
+        clash += "; rename it"
+        reg.broken.append(BrokenPlugin(provider, clash, ()))
         return
     if key in reg.components or key in reg.clashes:
         first = reg.components.pop(key, None)
         owners = reg.clashes.setdefault(key, [first.provider] if first else [])
         owners.append(provider)
         reg.broken.append(
-            BrokenPlugin(provider, f"{kind} {name!r} clashes with the one registered by {owners[0]}")
+            BrokenPlugin(provider, f"{kind} {name!r} clashes with the one registered by {owners[0]}", ())
         )
         return
-    reg.components[key] = Registration(kind, name, factory, options, summary_line, provider)
+    reg.components[key] = registration
 
 
 _REGISTRY: Registry | None = None
@@ -310,6 +384,47 @@ def create(kind: str, name: str, options: dict[str, Any] | ComponentOptions | No
     except ValidationError as e:
         raise PluginError(f"{kind} {name!r}: invalid options: {e}") from e
     return with_spec(registration.load_factory()(opts, **wiring), name, opts)
+
+
+# A distribution name (PEP 508) and a version as a manifest may record them; anything else is not repeated to the user
+_DIST_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]{0,39}$")
+
+
+def why_unregistered(kind: str, name: str, dist: Any = None, version: Any = None) -> str | None:
+    """None if ``kind`` ``name`` is registered; else why not, for a component that distribution ``dist`` ``version``
+    provided (as a saved system's manifest records it), and what to do: it is not installed, it failed to load,
+    PREFIXCAP_LOAD_PLUGINS leaves it out, or the version installed no longer registers the name. ``dist`` and
+    ``version`` come from a stranger's file: they are only repeated when they look like a name and a version."""
+    reg = registry()
+    try:
+        reg.get(kind, name)
+        return None
+    except UnknownComponentError as e:
+        unknown = e
+    except PluginError as e:  # two plugins register it
+        return f"its {kind} {short(name)}: {e}"
+    if not (isinstance(dist, str) and _DIST_RE.match(dist)):
+        return str(unknown)
+    version = version if isinstance(version, str) and _VERSION_RE.match(version) else None
+    origin = f"its {kind} {short(name)} came from {dist}" + (f" {version}" if version else "")
+    pinned = f"'{dist}=={version}'" if version else dist
+    key = _normalise(dist)
+    if key == SELF_DIST:
+        return (f"{origin}, and this prefixcap ({metadata.version(SELF_DIST)}) has no {kind} of that name: pip install "
+                f"{pinned}")  # fmt: skip
+    try:
+        installed = metadata.distribution(dist).version
+    except metadata.PackageNotFoundError:
+        return f"{origin}, which is not installed: pip install {dist}"
+    failed = [b.error for b in reg.broken if _normalise(b.provider.dist) == key]
+    if failed:
+        return f"{origin}, which failed to load: {'; '.join(failed)}"
+    wanted = _wanted_dists()
+    if wanted is not None and key not in wanted:
+        return (f"{origin}, which is installed but not loaded: PREFIXCAP_LOAD_PLUGINS leaves it out; add {dist} to it "
+                "(or unset it to load every installed plugin)")  # fmt: skip
+    return f"{origin}, but the {dist} installed ({installed}) registers none of that name: pip install {pinned}"
 
 
 SPEC_ATTRIBUTE = "component_spec"

@@ -37,13 +37,18 @@ def test_plugins_kind_filter_and_json():
 def test_plugins_shows_third_party_and_broken_rows(plugin_site):
     env = {"PYTHONPATH": str(plugin_site), "PREFIXCAP_LOAD_PLUGINS": PLUGIN_DIST}
     result = run_cli("plugins", env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # a broken plugin: exit 1, each one named
+    assert result.stderr.strip() == (f"4 broken plugins: {PLUGIN_DIST} 0.3.1 (broken_import, clash, bad_registration, "
+                                     "raising_hook). Fix or uninstall them, or leave them out with "
+                                     "PREFIXCAP_LOAD_PLUGINS")  # fmt: skip
     lines = result.stdout.splitlines()
     assert any("scaled-linear" in line and PLUGIN_DIST in line and "0.3.1" in line for line in lines)
     broken = [line for line in lines if line.startswith("│ broken")]
     assert len(broken) == 4
     assert any("broken_import" in line and "this plugin needs libfoo" in line for line in broken)
-    data = json.loads(run_cli("plugins", "--json", env=env).stdout)
+    done = run_cli("plugins", "--json", env=env)
+    assert done.returncode == 1
+    data = json.loads(done.stdout)  # still valid JSON
     assert {b["plugin"] for b in data["broken"]} == {"broken_import", "raising_hook", "clash", "bad_registration"}
 
 

@@ -88,7 +88,7 @@ def test_all_problems_are_reported_together_in_file_order(tmp_path):
 
 def test_missing_required_option(tmp_path):
     msg = error_of({"decoder": {"name": "causal-lm"}})
-    assert msg == "<dict>: decoder.checkpoint: required but missing"
+    assert msg == "decoder.checkpoint: required but missing"  # a dict has no file to name (it said `<dict>: `)
 
 
 def test_unknown_section(tmp_path):
@@ -163,7 +163,7 @@ def test_checkpoint_is_an_option_only_of_components_that_load_weights(tmp_path):
     for slot, section in (("losses.0", {"losses": [{"name": "caption-ce", "checkpoint": "x"}]}),
                           ("system", {"system": {"name": "prefix", "checkpoint": "x"}}),
                           ("data", {"data": {"name": "shapes", "checkpoint": "x"}})):  # fmt: skip
-        assert error_of(section).startswith(f"<dict>: {slot}.checkpoint: unknown option 'checkpoint'")
+        assert error_of(section).startswith(f"{slot}.checkpoint: unknown option 'checkpoint'")
     recipe = load_recipe({"encoder": {"name": "siglip", "checkpoint": "tiny"},
                           "losses": [{"name": "clip-align", "checkpoint": "tiny"}]})  # fmt: skip
     assert recipe.encoder.options.checkpoint == "tiny" and recipe.losses[0].options.checkpoint == "tiny"
@@ -194,7 +194,7 @@ def test_a_mapping_derived_from_a_recipe_keeps_the_lines_of_the_sections_it_kept
     assert derived.location(("generate", "max_new_tokens")) == "--set generate.max_new_tokens"
     assert derived.location(("train", "lr")) == "quickstart"  # a section the caller rewrote: no line, never a wrong one
     spec["decoder"]["lora"] = {"r": 0}
-    assert error_of(spec) == "<dict>: decoder.lora.r: Input should be greater than or equal to 1; got 0"
+    assert error_of(spec) == "decoder.lora.r: Input should be greater than or equal to 1; got 0"
     with pytest.raises(RecipeError, match=r"^quickstart: decoder.lora.r: Input should be greater"):
         load_recipe(spec, origin=recipe)
     spec = recipe.to_dict()

@@ -94,9 +94,10 @@ def env_for(*sites, load: str | None) -> dict[str, str]:
 
 def listing(env: dict[str, str]) -> dict:
     done = run_cli("plugins", "--json", env=env)
-    assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    return json.loads(done.stdout)
+    data = json.loads(done.stdout)
+    assert done.returncode == (1 if data["broken"] else 0), done.stderr  # valid JSON either way
+    return data
 
 
 def rows(data: dict) -> dict[tuple[str, str], dict]:
@@ -146,7 +147,7 @@ def test_plugins_command_lists_each_broken_plugin_with_its_error_and_all_the_res
     assert {k: v for k, v in listed.items() if v["distribution"] == "prefixcap"} == builtins_listing
 
     table = run_cli("plugins", env=env)
-    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    assert table.returncode == 1 and "Traceback" not in table.stderr, table.stderr
     lines = table.stdout.splitlines()
     broken_rows = [line for line in lines if line.startswith("│ broken")]
     assert len(broken_rows) == 4
@@ -220,7 +221,7 @@ def test_more_broken_plugins_and_a_clash_between_two_third_parties(plugin_site, 
     assert {k: v for k, v in listed.items() if v["distribution"] == "prefixcap"} == builtins_listing
 
     table = run_cli("plugins", env=env)  # error texts hold rich markup: printed as text, never interpreted
-    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    assert table.returncode == 1 and "Traceback" not in table.stderr, table.stderr
     assert "[/red] closing tag, [bold]markup[/bold]" in table.stdout
     assert len([line for line in table.stdout.splitlines() if line.startswith("│ broken")]) == 8
 
