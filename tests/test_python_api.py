@@ -14,7 +14,9 @@ from prefixcap import SavedSystemError
 from prefixcap.interfaces import Connector
 from prefixcap.training import RunError
 
-from conftest import CAPTIONS, IMAGES, TINY, fit_batch
+from prefixcap.registry import reload_registry
+
+from conftest import CAPTIONS, IMAGES, TINY, fit_batch, install_distribution, plugin_pyproject
 
 # Dropout on, as the mlp connector's default (0.1) and LoRA's (0.05) have it: what made two captions of one image differ.
 DROPOUT = {**TINY, "connector": {"name": "mlp", "hidden": 32, "dropout": 0.5},
@@ -114,3 +116,63 @@ def test_train_takes_a_recipe_and_refuses_overrides_the_given_system_would_not_g
                         overrides=["connector.hidden=16"])  # fmt: skip
     with pytest.raises(RunError, match="no data section"):
         prefixcap.train(TINY, run_dir=tmp_path / "none", report=lambda e: None)
+
+
+# A system plugin whose system owns a trained part of its own (not a recipe slot): a learned gate on the prefix.
+GATED_FILES = {
+    "pyproject.toml": plugin_pyproject("prefixcap-gated", "0.1.0", "pcap_gated", {"gated": "pcap_gated"}),
+    "pcap_gated/__init__.py": """
+        from prefixcap import ComponentOptions, hookimpl
+
+
+        @hookimpl
+        def register_systems(register):
+            register("gated-prefix", factory="pcap_gated.system:GatedPrefix", options=ComponentOptions,
+                     description="The prefix system with a learned gate on its prefix")
+    """,
+    "pcap_gated/system.py": """
+        import torch
+        from prefixcap.interfaces import Component
+        from prefixcap.systems import PrefixOptions
+        from prefixcap.systems.prefix import PrefixSystem
+
+
+        class Gate(Component):
+            group_name = "gate"
+
+            def __init__(self):
+                super().__init__()
+                self.scale = torch.nn.Parameter(torch.ones(()))
+
+
+        class GatedPrefix(PrefixSystem):
+            def __init__(self, options, **parts):
+                super().__init__(PrefixOptions(), **parts)
+                self.gate = Gate()
+
+            def prefix(self, pixel_values=None, features=None):
+                return super().prefix(pixel_values, features) * self.gate.scale
+    """,
+}
+
+
+def test_a_system_plugins_own_trained_part_is_saved_and_loaded_with_it(tmp_path, monkeypatch):
+    site = install_distribution(GATED_FILES, tmp_path / "src", tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PREFIXCAP_LOAD_PLUGINS", "prefixcap-gated")
+    reload_registry()
+    try:
+        torch.manual_seed(0)
+        system = prefixcap.compose({**TINY, "system": "gated-prefix"})
+        fit_batch(system, IMAGES, CAPTIONS, steps=3)
+        assert float(system.gate.scale) != 1.0  # it trained
+        system.save(tmp_path / "saved")
+        assert (tmp_path / "saved" / "gate" / "model.safetensors").is_file()
+        loaded = prefixcap.load(tmp_path / "saved")
+        assert float(loaded.gate.scale) == float(system.gate.scale)
+        batch = system.make_batch(IMAGES, CAPTIONS)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(batch).logits, system(batch).logits)
+    finally:
+        monkeypatch.undo()
+        reload_registry()
