@@ -67,6 +67,15 @@ class SystemOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+def transformers_model(module: nn.Module) -> nn.Module | None:
+    """The outermost transformers model inside ``module`` (under peft's wrappers), or None. Never imports transformers:
+    a module holding such a model has imported it already."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return None
+    return next((m for m in module.modules() if isinstance(m, transformers.PreTrainedModel)), None)
+
+
 class Component(nn.Module):
     """What every part of a system shares: the LR of what it trains, and saving/loading what it trained.
 
@@ -88,12 +97,8 @@ class Component(nn.Module):
         (``LlamaForCausalLM``), else the component's own class. Set it (or override it) to name another library's."""
         if "_architecture" in self.__dict__:
             return self.__dict__["_architecture"]
-        transformers = sys.modules.get("transformers")  # a part holding such a model has imported it; never import it
-        if transformers is not None:
-            for module in self.modules():
-                if isinstance(module, transformers.PreTrainedModel):
-                    return type(module).__name__
-        return type(self).__name__
+        model = transformers_model(self)
+        return type(model if model is not None else self).__name__
 
     @architecture.setter
     def architecture(self, value: str) -> None:  # so that a part may say `self.architecture = ...` in its __init__

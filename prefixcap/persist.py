@@ -97,10 +97,11 @@ def refuse_unrebuildable(system: Any) -> None:
     from its recipe, so a part compose() was given as an object built by hand would come back missing."""
     if not getattr(system, "uses_components", True):  # it builds its parts itself, from its own options
         return
+    from prefixcap.recipe import SLOTS
+
     named = {".".join(map(str, loc)) for loc, _, _ in system.recipe.components()}
     # Only the recipe's slots: a part a system builds itself (a plugin system's own trained token) comes back with it.
-    slots = ("encoder", "connector", "decoder")
-    missing = [slot for slot, _ in system.parts() if slot not in named and slot.split(".")[0] in (*slots, "losses")]
+    missing = [slot for slot, _ in system.parts() if slot not in named and slot.split(".")[0] in (*SLOTS, "losses")]
     if missing:
         raise SavedSystemError(
             f"cannot save this system: its {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} given to "

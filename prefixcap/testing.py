@@ -292,16 +292,11 @@ def facts(kind: str, part: Any, in_tokens: int | None = None) -> dict[str, Any]:
     return {"in_dim": part.in_dim, "out_dim": part.out_dim, "output_tokens": part.output_tokens(in_tokens), **counts}
 
 
-def transformers_model(part: Any) -> Any:
-    """The outermost transformers model inside a component (under peft's wrappers), or None."""
-    from transformers import PreTrainedModel
-
-    return next((m for m in part.modules() if isinstance(m, PreTrainedModel)), None)
-
-
 def architecture(part: Any) -> str:
     """The model class a component is made of: its transformers model (with its model_type), else the classes of its
     child modules (timm, open_clip or a plugin's own)."""
+    from prefixcap.interfaces import transformers_model
+
     model = transformers_model(part)
     if model is not None:
         return f"{type(model).__name__} (model_type {model.config.model_type!r})"
@@ -818,6 +813,8 @@ class ComponentConformance:
             pytest.skip(f"the default checkpoint's config is not on this machine: {'; '.join(missing)}")
         small, large = architecture(tiny), architecture(real)
         if small != large:
+            from prefixcap.interfaces import transformers_model
+
             checkpoint = getattr(default_options, "checkpoint", None)
             model = transformers_model(real)
             hint = (f" (a decoder on prefixcap's CausalLMDecoder: its options' tiny_config() returns "

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import yaml
 
 from prefixcap.files import sweep_temporaries, write_atomic
-from prefixcap.recipe import load_recipe
+from prefixcap.recipe import SLOTS, load_recipe
 from prefixcap.training.distributed import on_cpu
 from prefixcap.training.errors import RunError
 from prefixcap.training.events import Resumed, Started
@@ -135,7 +135,7 @@ def _refuse_changed_parts(system: Any, recipe: Any) -> None:
     """An override of a part's section would be recorded in the run's recipe but not applied to the system given."""
     before = system.recipe.to_dict(resolved=True)
     after = recipe.to_dict(resolved=True)
-    changed = [key for key in ("system", "encoder", "connector", "decoder", "losses") if before.get(key) != after.get(key)]
+    changed = [key for key in (*SLOTS, "losses") if key != "data" and before.get(key) != after.get(key)]
     if changed:
         raise RunError(f"overrides change the given system's {', '.join(changed)}; compose a new system with them "
                        "(prefixcap.compose(recipe, overrides=...)) and train that")
