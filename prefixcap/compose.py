@@ -136,15 +136,22 @@ def compose(
                         in_tokens=enc.num_tokens)  # fmt: skip
         if con is not None and enc is not None and dec is not None:
             _check_dims(enc, con, dec)
-        hidden = dec.hidden_size if dec is not None else None
-        loss_list = loss_objects if loss_objects is not None else [
-            build(("losses", i), "loss", spec, hidden_size=hidden, pretrained=pretrained)
-            for i, spec in enumerate(recipe_.losses)
-        ]  # fmt: skip
         if "system" in objects:
             raise CompositionError("system must be given by name or spec; it is what compose() builds")
-        built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
-                      losses=loss_list, pretrained=pretrained)  # fmt: skip
+
+        def losses(hidden: int | None) -> list[Any]:
+            return loss_objects if loss_objects is not None else [
+                build(("losses", i), "loss", spec, hidden_size=hidden, pretrained=pretrained)
+                for i, spec in enumerate(recipe_.losses)
+            ]  # fmt: skip
+
+        if dec is not None:
+            built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
+                          losses=losses(dec.hidden_size), pretrained=pretrained)  # fmt: skip
+        else:  # a system that owns its decoder (crossattn): its width is known once it is built
+            built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
+                          losses=[], pretrained=pretrained)  # fmt: skip
+            built.losses = nn.ModuleList(losses(getattr(built.decoder, "hidden_size", None)))
     if weights == "random":
         # Random weights cannot be fetched again, so saving keeps them whole (as for `checkpoint: tiny`).
         given_ids = {id(m) for m in [*objects.values(), *(loss_objects or [])]}

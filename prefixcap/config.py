@@ -33,6 +33,10 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
+    # The share of training examples shown a blank image (zeros after normalisation) instead of their own, as
+    # classifier-free guidance trains its unconditional model: the system then learns what it expects with nothing to
+    # look at, which the generative score subtracts (prefixcap/score.py). Never shown to a contrastive loss.
+    blank_images: float = Field(0.1, ge=0, lt=1)
     cache_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="how cached features are stored: fp16 "
                                                          "halves the disk of fp32 (docs/data.md)")  # fmt: skip
     num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(

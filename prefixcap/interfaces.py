@@ -55,15 +55,18 @@ class Batch:
     features: Tensor | None = None  # (B, N, D) cached encoder output
     captions: list[str] | None = None  # the caption text behind input_ids (one per image)
     references: list[list[str]] | None = None  # every reference caption, for evaluation
+    blank: Tensor | None = None  # (B,) bool: examples shown a blank image in training (train.blank_images)
 
 
 @dataclass
 class SystemOutput:
     logits: Tensor  # (B, T, V): position t predicts labels[:, t]
     labels: Tensor  # (B, T)
-    prefix: Tensor | None = None  # (B, K, H) what the decoder was conditioned on
+    prefix: Tensor | None = None  # (B, K, H) the image as the decoder reads it (System.visual_tokens)
     hidden: Tensor | None = None  # (B, T, H) decoder's last hidden state at the positions of ``logits``;
     # computed only when a loss sets ``needs_hidden`` (it costs memory)
+    text_states: Tensor | None = None  # (B, T', H) the decoder over the text alone, no image (System.text_states);
+    # computed only when a loss sets ``needs_text_states`` (it costs a second decoder pass)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -239,6 +242,7 @@ class Loss(Component, ABC):
 
     group_name = "loss"
     needs_hidden: bool = False  # ask the system to fill SystemOutput.hidden
+    needs_text_states: bool = False  # ask the system to fill SystemOutput.text_states (and .prefix)
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -247,6 +251,21 @@ class Loss(Component, ABC):
     @abstractmethod
     def forward(self, outputs: SystemOutput, batch: Batch) -> Tensor:
         """-> scalar"""
+
+
+class EmbeddingLoss(Loss):
+    """A loss that learns a shared image-text space (the ``itc`` loss): what ``System.score`` reads for its
+    contrastive score. A plugin's contrastive loss subclasses it and is scored, reranked and exported the same way."""
+
+    needs_text_states = True
+
+    @abstractmethod
+    def image_embedding(self, visual: Tensor) -> Tensor:
+        """(B, K, H) visual tokens (System.visual_tokens) -> (B, E), unit norm."""
+
+    @abstractmethod
+    def text_embedding(self, states: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T, H) text-alone decoder states (System.text_states) and their mask -> (B, E), unit norm."""
 
 
 class System(nn.Module, ABC):
@@ -272,6 +291,37 @@ class System(nn.Module, ABC):
         docs/writing-a-plugin.md); None: it does not export. `prefixcap export` calls it on a system loaded for the
         purpose, so it may change the system in place (merge LoRA into the weights)."""
         return None
+
+    def visual_tokens(self, pixel_values: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """(B, K, H): the image as the decoder reads it (a prefix, or the encoder states cross-attention reads, at the
+        decoder's width), from pixels or cached encoder features. A contrastive score pools these."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its decoder reads the image "
+                                  "(System.visual_tokens), so it cannot learn a contrastive score")  # fmt: skip
+
+    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T, H): the decoder's last hidden state over the text alone, no image; ``input_ids`` and
+        ``attention_mask`` as ``tokenize`` makes them. A contrastive score pools these."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run its decoder on text alone "
+                                  "(System.text_states), so it cannot learn a contrastive score")  # fmt: skip
+
+    # Each score type's default --min-score, measured on the held-out split when a run finishes and saved with the
+    # system (prefixcap.score.calibrate); None until then.
+    score_calibration: dict[str, dict[str, Any]] | None = None
+
+    # Whether ``tokenize``'s input ids end each text with EOS (the prefix system's [BOS][prompt] caption EOS do; the
+    # crossattn system's [BOS] caption do not): an ONNX runtime builds ``text_states``'s inputs from this.
+    inputs_end_with_eos = True
+
+    def embedding_loss(self) -> EmbeddingLoss | None:
+        """The loss that learnt this system's shared image-text space, if any (the first)."""
+        return next((loss for loss in self.losses if isinstance(loss, EmbeddingLoss)), None)
+
+    def score(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> Any:
+        """How well each text matches each image: ``prefixcap.score.Scores`` with a (len(images), len(texts)) matrix
+        per score type (generative always; contrastive when the system learnt one); see prefixcap/score.py."""
+        from prefixcap.score import score_matrix
+
+        return score_matrix(self, images, texts, **options)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Weighted sum of the system's losses, and each term for logging."""

@@ -35,6 +35,7 @@ from prefixcap.errors import RecipeError, SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
 from prefixcap.hf_config import write_hf_config
 from prefixcap.hub import resolve
+from prefixcap.scoring import parse_calibration
 from prefixcap.weights import PICKLE_WEIGHTS, trained_names
 
 FORMAT = "prefixcap-system/1"
@@ -83,6 +84,8 @@ def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = N
             "files": files,
             "recipe": system.recipe.to_dict(resolved=True),
         }
+        if getattr(system, "score_calibration", None):  # `prefixcap caption --min-score`'s default
+            manifest["score_calibration"] = system.score_calibration
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         write_hf_config(tmp, manifest)  # config.json: what transformers' Auto classes read (prefixcap.hf)
         write_card(tmp, system_card(tmp, manifest, metrics, name=card_name(directory)))
@@ -209,6 +212,8 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
         raise SavedSystemError("\n".join(f"{where}: recipe: {line}" for line in str(e).splitlines())) from e
     _check_trained_parts(directory, system, files)
     system.load_trained(directory)
+    system.score_calibration = parse_calibration(manifest.get("score_calibration"), str(directory / "manifest.json"),
+                                                 SavedSystemError)  # fmt: skip
     if device is not None:
         system.to(device)
     return system.eval()

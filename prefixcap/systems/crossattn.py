@@ -252,15 +252,34 @@ class CrossAttnSystem(System):
                                                do_sample=config.do_sample,
                                                repetition_penalty=config.repetition_penalty, **sampling)  # fmt: skip
 
+    inputs_end_with_eos = False  # [BOS] caption: EOS is only ever a label
+
+    def visual_tokens(self, pixel_values: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """The encoder states every block cross-attends to, at the decoder's width: (B, N, H)."""
+        memory = features if features is not None else self.encoder(pixel_values)  # (B, N, D)
+        proj = getattr(self.decoder, "enc_to_dec_proj", None)  # VisionEncoderDecoderModel's, when D != H
+        return proj(memory) if proj is not None else memory
+
+    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """GPT-2 over [BOS] text with no encoder states: its blocks then skip cross-attention. (B, T) -> (B, T, H)"""
+        out = self.decoder.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        return out.hidden_states[-1]
+
     def forward(self, batch: Batch) -> SystemOutput:
         memory = batch.features if batch.features is not None else self.encoder(batch.pixel_values)  # (B, N, D)
         needs_hidden = any(loss.needs_hidden for loss in self.losses)
+        needs_text = any(loss.needs_text_states for loss in self.losses)
         out = self.hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
                             decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask,
                             use_cache=False, output_hidden_states=needs_hidden)  # fmt: skip
         # Inputs start with BOS, so position t already predicts labels[:, t]: no shift. (B, T, V)
         hidden = out.decoder_hidden_states[-1] if needs_hidden else None  # (B, T, H)
-        return SystemOutput(logits=out.logits, labels=batch.labels, hidden=hidden)
+        if not needs_text:
+            return SystemOutput(logits=out.logits, labels=batch.labels, hidden=hidden)
+        return SystemOutput(logits=out.logits, labels=batch.labels, hidden=hidden,
+                            prefix=self.visual_tokens(features=memory),
+                            text_states=self.text_states(batch.input_ids, batch.attention_mask))  # fmt: skip
 
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:

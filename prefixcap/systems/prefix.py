@@ -35,8 +35,20 @@ class PrefixSystem(System):
             features = self.encoder(pixel_values)  # (B, 3, S, S) -> (B, N, D)
         return self.connector(features)  # (B, N, D) -> (B, K, H)
 
+    def visual_tokens(self, pixel_values: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        return self.prefix(pixel_values, features)  # the prefix the decoder reads (a subclass's prefix() too)
+
+    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The decoder over [BOS][prompt] text EOS with no prefix in front: (B, T) -> (B, T, H)."""
+        # Hidden states come at the positions logits are asked for: all T (the pool reads each row's last real token).
+        embeds = self.decoder.embed(input_ids)
+        return self.decoder(embeds, attention_mask, num_logits=input_ids.shape[1], return_hidden=True)[1]
+
     def forward(self, batch: Batch) -> SystemOutput:
         prefix = self.prefix(batch.pixel_values, batch.features)
+        text_states = None
+        if any(loss.needs_text_states for loss in self.losses):
+            text_states = self.text_states(batch.input_ids, batch.attention_mask)
         text = self.decoder.embed(batch.input_ids)  # (B, T, H)
         inputs = torch.cat([prefix.to(text.dtype), text], dim=1)  # (B, K + T, H)
         ones = batch.attention_mask.new_ones(prefix.shape[:2])
@@ -45,9 +57,10 @@ class PrefixSystem(System):
         t = batch.input_ids.shape[1]
         if any(loss.needs_hidden for loss in self.losses):
             logits, hidden = self.decoder(inputs, mask, num_logits=t + 1, return_hidden=True)
-            return SystemOutput(logits[:, :-1], batch.labels, prefix, hidden=hidden[:, :-1])  # (B, T, V), (B, T, H)
+            return SystemOutput(logits[:, :-1], batch.labels, prefix, hidden=hidden[:, :-1],
+                                text_states=text_states)  # (B, T, V), (B, T, H)
         logits = self.decoder(inputs, mask, num_logits=t + 1)[:, :-1]  # (B, T, V)
-        return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix)
+        return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix, text_states=text_states)
 
     def generation_inputs(self, pixel_values: Tensor) -> Tensor:
         """(B, K + P, H): each image's prefix, then the decoder's prompt embedded; what decoding starts from."""

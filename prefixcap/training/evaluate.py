@@ -88,3 +88,19 @@ def evaluate(system: System, source: DatasetSource, split: CaptionSet, recipe: R
         for sample, s, ref in zip(samples, clip, ref_clip):
             sample.update(clip_s=round(s, 5), ref_clip_s=round(ref, 5))
     return metrics, samples
+
+
+def score_calibration(system: System, split: CaptionSet, recipe: Recipe) -> dict[str, dict[str, float]]:
+    """Each score type's default ``--min-score`` (prefixcap.score.calibrate) on the held-out ``split``: what the
+    system's own references reach, so that a caption the system doubts more than 95% of true captions is unsure."""
+    from prefixcap.score import TorchScorer, calibrate
+
+    scorer = TorchScorer(system)
+    items_in = loader(EvalItems(split, Preprocess(system.encoder), rgb=False),
+                      workers=workers(recipe, decoding=True), batch_size=recipe.eval.batch_size)  # fmt: skip
+    batches = ((items.x, [refs[0] for refs in items.references]) for items in items_in if len(items))
+    training = system.training
+    try:
+        return calibrate(scorer, batches)
+    finally:
+        system.train(training)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +32,7 @@ from prefixcap.training import state
 from prefixcap.training.curves import plot_curves
 from prefixcap.training.distributed import global_token_mean, launched_processes, on_cpu, reduce_max
 from prefixcap.training.errors import RunError, RunInterrupted
-from prefixcap.training.evaluate import evaluate, items_batch, load_scorer, to_device, workers
+from prefixcap.training.evaluate import evaluate, items_batch, load_scorer, score_calibration, to_device, workers
 from prefixcap.training.optim import make_optimizer
 from prefixcap.training.events import Evaluated, Stepped, Stopped
 from prefixcap.training.rundir import latest_checkpoint, write_jsonl
@@ -114,6 +115,7 @@ class Run:
         self.train_workers = 0
         self.history: list[dict[str, Any]] = []
         self._batches: Iterator[Items] | None = None  # the training DataLoader, started at the first step
+        self._blank_features: Tensor | None = None  # the encoder's output for a blank image (train.blank_images)
         self._signal = [0]  # set by a SIGINT or SIGTERM while fit() runs
         # Early stopping and the best checkpoint: part of the saved state, so a resumed run stops where it would have.
         self.best: dict[str, Any] = {"value": None, "step": None, "stale": 0}
@@ -161,7 +163,26 @@ class Run:
             fingerprint_update(self.data_seen, items.rows, items.captions)
             if len(items):
                 break
-        return to_device(items_batch(self.system, items, t.max_caption_tokens, features), self.accelerator.device)
+        batch = to_device(items_batch(self.system, items, t.max_caption_tokens, features), self.accelerator.device)
+        return self.blank_some(batch, items.rows) if t.blank_images else batch
+
+    def blank_some(self, batch: Batch, rows: Any) -> Batch:
+        """Show a train.blank_images share of the batch a blank image (see TrainConfig): which ones is a pure function
+        of (seed, step, rows), so a resumed run blanks the ones an uninterrupted run would have."""
+        t = self.recipe.train
+        draw = random.Random(f"prefixcap-blank/{t.seed}/{self.step}/{[int(r) for r in rows]}")
+        blank = torch.tensor([draw.random() < t.blank_images for _ in range(len(batch.input_ids))])
+        batch.blank = blank.to(self.accelerator.device)
+        if batch.features is None:
+            batch.pixel_values = batch.pixel_values.masked_fill(batch.blank[:, None, None, None], 0)
+            return batch
+        if self._blank_features is None:  # the encoder's output for the blank image: what scoring will feed it
+            size = self.system.encoder.image_processor.size
+            with torch.no_grad():
+                self._blank_features = self.system.encoder(torch.zeros(1, 3, size, size, device=batch.features.device))
+        batch.features = torch.where(batch.blank[:, None, None], self._blank_features.to(batch.features.dtype),
+                                     batch.features)  # fmt: skip
+        return batch
 
     def pixels(self, split: CaptionSet, n: int) -> Tensor:
         """The first ``n`` readable images of ``split``, preprocessed (for timing captioning, not for training)."""
@@ -359,6 +380,8 @@ class Run:
             split = test if len(test) else self.val_split
             metrics, samples = self.evaluate(split)
             metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
+            if self.main and len(self.val_split):  # saved with the system: `caption --min-score`'s default
+                self.system.score_calibration = score_calibration(self.system, self.val_split, self.recipe)
             skipped = sum(s.skipped + len(s.broken) for s in (self.train_split, self.val_split, test))
             metrics.update({"steps": self.step, "train_examples": len(self.train_split), "skipped_images": skipped,
                             "best_step": self.best["step"], f"best_val_{self.recipe.eval.metric}": self.best["value"]})
