@@ -9,6 +9,7 @@ import contextlib
 import csv
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from prefixcap.images import IMAGE_EXTENSIONS, open_image
 
 if TYPE_CHECKING:
     from prefixcap.interfaces import System
+    from prefixcap.judge import Judge
     from prefixcap.metrics.clipscore import ClipScorer
     from prefixcap.recipe import Recipe
 
@@ -52,6 +54,8 @@ class CaptionRow:
     caption: str | None
     error: str | None
     clip_s: float | None = None
+    score: float | None = None  # the system's own score of its caption (prefixcap.judge), when asked for
+    unsure: bool | None = None  # the score is below --min-score: for a reviewer to check, not to present as fact
 
 
 # --- alt text --------------------------------------------------------------------------------------------------
@@ -122,13 +126,14 @@ def _is_image_file(path: Path) -> bool:
 
 
 def caption_paths(captioner: Captioner, paths: Iterable[str | Path], *, batch_size: int = 16, tidy: bool = True,
-                  max_chars: int | None = 125, scorer: ClipScorer | None = None,
+                  max_chars: int | None = 125, scorer: ClipScorer | None = None, judge: Judge | None = None,
                   **generate: Any) -> Iterator[CaptionRow]:  # fmt: skip
     """A row for every image file ``paths`` name (see ``expand_paths``), in input order, each batch's as soon as it
     is captioned. An input that cannot be read or captioned gets a row with ``error`` and never stops the others.
 
     ``generate`` goes to ``captioner.caption``; ``tidy`` applies ``tidy_alt_text(caption, max_chars)``; ``scorer``
-    fills ``clip_s``, the CLIP-S of each usable caption."""
+    fills ``clip_s``, the CLIP-S of each usable caption; ``judge`` reranks candidates and fills ``score`` and
+    ``unsure`` (prefixcap.judge)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     waiting: list[CaptionRow] = []  # input order: rows behind the first image still to be captioned wait for it
@@ -143,32 +148,40 @@ def caption_paths(captioner: Captioner, paths: Iterable[str | Path], *, batch_si
         waiting.append(row)
         if 0 < len(batch) < batch_size:
             continue
-        _complete(captioner, batch, generate, tidy, max_chars, scorer)
+        _complete(captioner, batch, generate, tidy, max_chars, scorer, judge)
         yield from waiting
         waiting, batch = [], []
-    _complete(captioner, batch, generate, tidy, max_chars, scorer)
+    _complete(captioner, batch, generate, tidy, max_chars, scorer, judge)
     yield from waiting
 
 
 def _complete(captioner: Captioner, batch: list[tuple[CaptionRow, Image.Image]], generate: dict[str, Any],
-              tidy: bool, max_chars: int | None, scorer: ClipScorer | None) -> None:  # fmt: skip
+              tidy: bool, max_chars: int | None, scorer: ClipScorer | None, judge: Judge | None) -> None:  # fmt: skip
     if batch:
-        _caption_batch(captioner, batch, generate)
+        _caption_batch(captioner, batch, generate, judge)
         _finish(batch, tidy, max_chars, scorer)
 
 
-def _caption_batch(captioner: Captioner, batch: list[tuple[CaptionRow, Image.Image]], generate: dict[str, Any]) -> None:
+def _caption_batch(captioner: Captioner, batch: list[tuple[CaptionRow, Image.Image]], generate: dict[str, Any],
+                   judge: Judge | None = None) -> None:  # fmt: skip
+    images = [image for _, image in batch]
     try:
-        captions = captioner.caption([image for _, image in batch], **generate)
+        if judge is None:
+            captions = captioner.caption(images, **generate)
+        else:
+            judged = judge.caption(captioner, images, generate)
+            captions = [j.caption for j in judged]
     except Exception as e:  # e.g. out of memory: one image at a time, so only the one the model cannot take fails
         if len(batch) == 1:
             batch[0][0].error = f"captioning failed: {summary(e)}"
         else:
             for one in batch:
-                _caption_batch(captioner, [one], generate)
+                _caption_batch(captioner, [one], generate, judge)
         return
-    for (row, _), caption in zip(batch, captions, strict=True):
+    for i, ((row, _), caption) in enumerate(zip(batch, captions, strict=True)):
         row.caption = caption
+        if judge is not None and math.isfinite(judged[i].score):  # the caption as the system wrote it, untidied
+            row.score, row.unsure = round(judged[i].score, 6), judged[i].unsure
 
 
 def _finish(batch: list[tuple[CaptionRow, Image.Image]], tidy: bool, max_chars: int | None,
@@ -292,11 +305,11 @@ class RowWriter:
     UTF-8: text paths are escaped (``escape_text_path``), CSV and JSON quote theirs, and bytes that are not UTF-8 are
     escaped in every format."""
 
-    def __init__(self, stream: TextIO, fmt: str, score: bool = False):
+    def __init__(self, stream: TextIO, fmt: str, score: bool = False, judged: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
         self.stream, self.fmt = stream, fmt
-        self.fields = ["path", "caption", "error"] + (["clip_s"] if score else [])
+        self.fields = ["path", "caption", "error"] + (["clip_s"] if score else []) + (["score", "unsure"] if judged else [])
         self.csv = csv.writer(stream) if fmt == "csv" else None
         if self.csv is not None:
             self.csv.writerow(self.fields)
@@ -311,5 +324,7 @@ class RowWriter:
             text = f"error: {row.error}" if row.error is not None else row.caption or ""
             cells = [escape_text_path(row.path), escape_undecodable(" ".join(text.split()))]
             cells += [f"{row.clip_s:.4f}"] if row.clip_s is not None else []
+            cells += [f"{row.score:.4f}"] if row.score is not None else []
+            cells += ["unsure"] if row.unsure else []
             self.stream.write("\t".join(cells) + "\n")
         self.stream.flush()

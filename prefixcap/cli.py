@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import textwrap
 from functools import wraps
+from pathlib import Path
 
 import click
 from rich.cells import cell_len
@@ -380,10 +382,20 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 @click.option("--score", is_flag=True, help="Add each caption's CLIP-S (with the run's eval.clip_model).")
 @click.option("--clip-model", metavar="NAME", help="The CLIPScore model for --score (implies it): a transformers "
                                                    "CLIP/SigLIP id or directory, or open_clip:<model>/<tag>.")
+@click.option("--rerank", type=click.IntRange(min=1), metavar="K",
+              help="Write K candidates (the greedy caption and K-1 sampled) and keep the one the system scores best; "
+                   "adds each caption's score to its row.")
+@click.option("--min-score", metavar="S|auto",
+              help="Mark a caption whose score is below S as unsure in its row (auto: the default the run calibrated: "
+                   "95%% of held-out reference captions reach it; see docs/scoring.md).")
+@click.option("--rank-by", type=click.Choice(["auto", "generative", "contrastive", "likelihood"]),
+              help="What --rerank keeps the best of (auto: likelihood + contrastive score); generative or contrastive "
+                   "is also the score --min-score compares (otherwise contrastive when the system learnt one).")
 @_errors_to_exit_2
 def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, out_file: str | None, batch_size: int,
             beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
-            max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None):
+            max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None,
+            rerank: int | None, min_score: str | None, rank_by: str | None):
     """Write alt text for images with a trained system.
 
     RUN_OR_CHECKPOINT is a run directory (its final/), a saved system, or the hub id (user/repo) of one pushed to
@@ -413,8 +425,8 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
     if out_file is not None:
         check_out_file(out_file, paths)  # before the model loads: a refusal costs nothing
     if onnx_dir is not None:
-        if sample or (beams or 1) > 1:
-            raise click.UsageError("--onnx captions greedily: --beams and --sample need RUN_OR_CHECKPOINT")
+        if sample or (beams or 1) > 1 or (rerank or 1) > 1:
+            raise click.UsageError("--onnx captions greedily: --beams, --sample and --rerank need RUN_OR_CHECKPOINT")
         try:
             from prefixcap.onnx_captioner import OnnxCaptioner
         except ImportError as e:
@@ -425,6 +437,7 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
         captioner = load_captioner(args[0])
         recipe = captioner.recipe
     scorer = load_clip_scorer(recipe, clip_model) if score or clip_model else None
+    judge = _judge(captioner, onnx_dir, rerank, min_score, rank_by)
 
     # Rows on a terminal show the progress themselves; a bar would only fight them for the screen.
     show_bar = err.is_terminal and (out_file is not None or not sys.stdout.isatty())
@@ -432,28 +445,102 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
                         redirect_stdout=False, redirect_stderr=False)  # fmt: skip
     # --out is written beside its name and renamed over it when complete: never half a file, whoever reads it.
     sink = out_file_stream(out_file) if out_file else contextlib.nullcontext(sys.stdout)
-    total = failed = 0
+    total = failed = unsure = 0
     clip_s: list[float] = []
     with sink as stream, progress:
-        writer = RowWriter(stream, fmt, score=scorer is not None)
+        writer = RowWriter(stream, fmt, score=scorer is not None, judged=judge is not None)
         task = progress.add_task("caption", total=sum(1 for _ in expand_paths(paths)) if show_bar else None)
         try:
             for row in caption_paths(captioner, paths, batch_size=batch_size, tidy=tidy, max_chars=max_chars,
-                                     scorer=scorer, **generate):  # fmt: skip
+                                     scorer=scorer, judge=judge, **generate):  # fmt: skip
                 writer.write(row)
                 progress.advance(task)
                 total, failed = total + 1, failed + (row.error is not None)
                 clip_s += [row.clip_s] if row.clip_s is not None else []
+                unsure += bool(row.unsure)
         except BrokenPipeError:  # `prefixcap caption ... | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere, quietly
             sys.exit(141)  # as a shell reports a process SIGPIPE ended
     summary_line = f"captioned {total - failed} of {total} image{'s' * (total != 1)}"
     if failed:
         summary_line += f"; {failed} error{'s' * (failed != 1)}"
+    if judge is not None and judge.min_score is not None:
+        summary_line += f"; {unsure} unsure ({judge.kind} score below {judge.min_score:.4g})"
     if clip_s:
         summary_line += f"; mean CLIP-S {sum(clip_s) / len(clip_s):.4f}"
     err.print(summary_line, markup=False, highlight=False, soft_wrap=True)
     sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="RUN_OR_CHECKPOINT PATH...")
+@click.option("--text", "text_args", multiple=True, metavar="TEXT", help="A text to score (repeatable).")
+@click.option("--texts", "texts_file", metavar="FILE", help="A file of texts, one a line (UTF-8); - reads stdin.")
+@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False),
+              help="Score with this ONNX export, without torch; then there is no RUN_OR_CHECKPOINT.")
+@click.option("--kind", type=click.Choice(["all", "generative", "contrastive"]), default="all", show_default=True,
+              help="Which scores: both, or one (--format matrix needs one).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "matrix"]), default="jsonl", show_default=True,
+              help="A row per (image, text) pair as JSON lines or CSV, or a CSV matrix: a row per image, a column "
+                   "per text.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Write the rows to FILE, not stdout: whole, once all are written (never one of the images).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images encoded at once (the texts are read once per such group).")
+@click.option("--text-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Texts per model call.")
+@_errors_to_exit_2
+def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | None, onnx_dir: str | None, kind: str,
+          fmt: str, out_file: str | None, batch_size: int, text_batch: int):
+    """Score how well each text matches each image, with the system that writes the captions.
+
+    Two scores (docs/scoring.md): generative, how much likelier the image makes the text (mean log-probability
+    per token, minus the same without the image; 0 = no likelier), and contrastive, the cosine of the image and text
+    in the space the itc loss learnt (systems trained with it). Higher is better for both. Every pair gets a row;
+    an image that cannot be read gets one row with its error, an empty text one row with its own, and the rest are
+    scored. PATHs as for `prefixcap caption`. Exit code 0 when every pair was scored, 1 otherwise."""
+    from prefixcap.caption import check_out_file, load_captioner, out_file_stream
+    from prefixcap.score_rows import ScoreWriter, Texts, score_paths, spooled_stdin
+
+    if onnx_dir is None and len(args) < 2:
+        raise click.UsageError("give RUN_OR_CHECKPOINT and at least one PATH (or --onnx DIR and PATHs)")
+    if bool(text_args) == bool(texts_file):
+        raise click.UsageError("give the texts with --text TEXT (repeatable) or --texts FILE, not both")
+    images = args if onnx_dir is not None else args[1:]
+    if texts_file == "-" and "-" in images:
+        raise click.UsageError("stdin can give the image paths or the texts, not both")
+    paths = _with_stdin(images)
+    if out_file is not None:
+        check_out_file(out_file, paths)
+    with spooled_stdin() if texts_file == "-" else contextlib.nullcontext(texts_file) as texts_path:
+        texts = Texts(text_args, Path(texts_path) if texts_path else None)
+        if onnx_dir is not None:
+            from prefixcap.onnx_scorer import OnnxScorer
+
+            scorer = OnnxScorer(onnx_dir)
+        else:
+            from prefixcap.score import TorchScorer
+
+            scorer = TorchScorer(load_captioner(args[0]))
+        kinds = scorer.kinds if kind == "all" else (kind,)
+        sink = out_file_stream(out_file) if out_file else contextlib.nullcontext(sys.stdout)
+        pairs = errors = 0
+        with sink as stream:
+            writer = ScoreWriter(stream, fmt, kinds, texts)
+            try:
+                for row in score_paths(scorer, paths, texts, kinds=kinds, batch_size=batch_size,
+                                       text_batch=text_batch):  # fmt: skip
+                    writer.write(row)
+                    pairs, errors = pairs + (row.error is None), errors + (row.error is not None)
+                writer.close()
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(141)
+    line = f"scored {pairs} pair{'s' * (pairs != 1)}"
+    if errors:
+        line += f"; {errors} error{'s' * (errors != 1)}"
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1 if errors else 0)
 
 
 @cli.command()
@@ -560,6 +647,37 @@ def _say_downloads(event) -> None:
 
 def _metrics_line(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def _judge(captioner, onnx_dir: str | None, rerank: int | None, min_score: str | None, rank_by: str | None):
+    """caption's judge (prefixcap.judge) when --rerank, --min-score or --rank-by ask for one, else None."""
+    if rerank is None and min_score is None and rank_by is None:
+        return None
+    from prefixcap.judge import Judge
+
+    if onnx_dir is not None:
+        from prefixcap.onnx_scorer import OnnxScorer
+
+        scorer = OnnxScorer(onnx_dir)
+    else:
+        from prefixcap.score import TorchScorer
+
+        scorer = TorchScorer(captioner)
+    kind = rank_by if rank_by in ("generative", "contrastive") else None
+    judge = Judge(scorer, kind=kind, rerank=rerank or 1, rank_by=rank_by or "auto")
+    calibration = getattr(scorer, "calibration", None) if onnx_dir else captioner.score_calibration
+    if min_score == "auto":
+        judge.min_score = Judge.calibrated(calibration, judge.kind)
+    elif min_score is not None:
+        try:
+            judge.min_score = float(min_score)
+        except ValueError:
+            judge.min_score = math.nan
+        if not math.isfinite(judge.min_score):
+            raise click.BadParameter(f"{min_score!r} is neither a number nor auto", param_hint="--min-score")
+    elif calibration and judge.kind in calibration:  # scores are there anyway: flag with the calibrated default
+        judge.min_score = Judge.calibrated(calibration, judge.kind)
+    return judge
 
 
 def _with_stdin(args: tuple[str, ...]) -> list[str]:

@@ -197,11 +197,13 @@ def tiny_checkpoint_options(reg, directory: Path, options: dict | None = None) -
     return writer(directory, parsed)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run the installed `prefixcap` console script as a user would."""
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
+            input: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the installed `prefixcap` console script as a user would (``input``: its stdin)."""
     exe = Path(sys.executable).with_name("prefixcap")
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300,
+                          input=input)  # fmt: skip
 
 
 # The quickstart recipe trained briefly: long enough to state most held-out scenes exactly (tests/test_learning.py
