@@ -194,8 +194,9 @@ def calibrate(scorer: TorchScorer, batches: Iterable[tuple[Tensor, list[str]]],
     found: dict[str, list[np.ndarray]] = {kind: [] for kind in scorer.kinds}
     for pixels, texts in batches:
         state = scorer.prepare_pixels(pixels)
-        for kind, values in scorer.score_pairs(state, texts, range(len(texts))).items():
-            found[kind].append(values)
+        scores = scorer.score_pairs(state, texts, range(len(texts)))
+        for kind in found:  # score_pairs also gives the raw likelihood, which has no threshold of its own
+            found[kind].append(scores[kind])
     out = {}
     for kind, parts in found.items():
         values = np.concatenate(parts) if parts else np.zeros(0)

@@ -868,6 +868,25 @@ class ComponentConformance:
         if own:  # a frozen component (the usual encoder) trains nothing itself
             assert moved & set(own), f"the {self.kind} has trainable parameters but none of them changed"
 
+    def test_learns_and_scores_image_text_pairs(self):
+        """The itc loss trains through this component and `prefixcap score` scores with it, as with the builtins: both
+        score types, finite, for every (image, text) pair, and the same whether the texts are scored together or one
+        at a time (padding never leaks into a score)."""
+        import numpy as np
+        import torch
+
+        import prefixcap
+
+        torch.manual_seed(self.seed)
+        system = prefixcap.compose({**self.recipe(), "losses": [{"name": "caption-ce"}, {"name": "itc", "dim": 8}]})
+        self.train_step(system, self.batch(system))
+        images, texts = self.images(system)[:2], [self.captions[0], f"{self.captions[-1]} and one more thing"]
+        together, alone = system.score(images, texts), system.score(images, texts, batch_size=1)
+        for kind in ("generative", "contrastive"):
+            assert together.of(kind).shape == (2, 2) and np.isfinite(together.of(kind)).all(), f"{kind} scores"
+            np.testing.assert_allclose(together.of(kind), alone.of(kind), atol=1e-4,
+                                       err_msg=f"{kind} scores change with the other texts in the batch")  # fmt: skip
+
     def test_save_load_round_trip(self, tmp_path: Path):
         import torch
 
