@@ -387,7 +387,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
                    "adds each caption's score to its row.")
 @click.option("--min-score", metavar="S|auto",
               help="Mark a caption whose score is below S as unsure in its row (auto: the default the run calibrated: "
-                   "95%% of held-out reference captions reach it; see docs/scoring.md).")
+                   "95% of held-out reference captions reach it; see docs/scoring.md).")
 @click.option("--rank-by", type=click.Choice(["auto", "generative", "contrastive", "likelihood"]),
               help="What --rerank keeps the best of (auto: likelihood + contrastive score); generative or contrastive "
                    "is also the score --min-score compares (otherwise contrastive when the system learnt one).")
