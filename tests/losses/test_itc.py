@@ -96,3 +96,16 @@ def test_the_crossattn_system_learns_itc_at_its_decoders_width():
     # The text side: GPT-2 without the image. Only its cross-attention is caption-ce's alone to train.
     text_side = [p for n, p in system.decoder.model.named_parameters() if "cross" not in n and p.requires_grad]
     assert text_side and all(p.grad is not None and p.grad.abs().sum() > 0 for p in text_side)
+
+
+def test_a_system_without_text_states_is_refused_when_composed_not_at_its_first_step(monkeypatch):
+    """A plugin system that never implemented System.text_states (here the prefix system with the base class's) and a
+    recipe asking it for itc: compose says which method is missing, instead of training failing at step one."""
+    from prefixcap.errors import CompositionError
+    from prefixcap.interfaces import System
+    from prefixcap.systems.prefix import PrefixSystem
+
+    monkeypatch.setattr(PrefixSystem, "text_states", System.text_states)
+    with pytest.raises(CompositionError, match=r"System\.text_states, which PrefixSystem does not implement"):
+        system_with_itc()
+    assert compose(TINY).embedding_loss() is None  # without itc it composes, and scores generatively
