@@ -7,9 +7,11 @@ graphs, how a runtime runs them and its tokens. Nothing here knows one system fr
 
     manifest.json          format, every graph's inputs and outputs (symbolic dims named), the runtime (which graphs
                            run once per image, what the step graph is fed and when: prefixcap.onnx_spec), tokens,
-                           preprocessing, generation defaults, versions
+                           preprocessing, generation defaults, scoring (prefixcap.onnx_scorer), versions
     <graph>.onnx           each graph of the plan (the prefix system: vision_encoder, connector and decoder, one step
                            of the decoder with its KV cache and LoRA merged; see prefixcap/onnx_parts.py)
+    image_embedding.onnx   for a system that learnt a shared image-text space (an EmbeddingLoss such as itc), any
+    text_embedding.onnx    system: its contrastive score's two sides (prefixcap.onnx_parts.embedding_graphs)
     *.int8.onnx            with int8=True: the same graphs with dynamically quantised int8 weights
     tokenizer.json ...     the decoder tokenizer's save_pretrained
     README.md              the model card (prefixcap.card): the exported system's metadata, training and scores
@@ -33,10 +35,12 @@ from prefixcap.card import card_name, run_metrics, system_card, write_card
 from prefixcap.checkpoints import installed_versions
 from prefixcap.errors import summary
 from prefixcap.onnx_captioner import CLEAN_UP_PROBE
-from prefixcap.onnx_parts import Graph, OnnxPlan
+from prefixcap.onnx_parts import Graph, OnnxPlan, embedding_graphs
+from prefixcap.onnx_scorer import EMBEDDING_GRAPHS, ScoringSpec, TextLayout
 from prefixcap.onnx_spec import FORMAT, ExportError
 from prefixcap.persist import load_system, read_manifest, saved_system_dir
 from prefixcap.registry import get_component
+from prefixcap.scoring import MAX_TEXT_TOKENS
 
 RESAMPLE = ("torch.nn.functional.interpolate(mode='bicubic', antialias=True, align_corners=False) on float32 RGB in "
             "[0, 1], clamped to [0, 1] after resizing; PIL's float ('F' mode) BICUBIC reproduces it within ~2e-5, "
@@ -49,7 +53,15 @@ CONVENTIONS = {
     "cache": "each input runtime.cache.past + suffix comes back as runtime.cache.present + suffix, grown along "
              "runtime.cache.length_axis; the first step feeds it empty",
     "positions": "from attention_mask inside the graph: cumsum(attention_mask) - 1",
+    "scoring": "a text is tokenizer.json's ids of text.strip() (no special tokens), cut to scoring.max_tokens - 1; "
+               "its score feeds the step graph tokens.prompt_ids then those ids and reads log p of each id and of "
+               "tokens.eos_id; the blank image is pixel_values of zeros; scoring.embedding's text graph reads "
+               "prompt_ids + ids (+ eos_id when scoring.inputs_end_with_eos), right-padded, attention_mask 0 on pads",
 }  # fmt: skip
+# Texts whose tokens export checks the system's tokenize against: spaces to strip, case, punctuation, bytes outside
+# ASCII, and one longer than MAX_TEXT_TOKENS.
+PROBE_TEXTS = ["a red circle left of a blue square", "  Two small GREEN triangles, one star!  ", "caf\u00e9 \u2713 42",
+               "a big blue square above " * 30]  # fmt: skip
 GRAPH_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a graph is written as <name>.onnx
 
 
@@ -110,6 +122,8 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
             described[name]["int8_file"] = quantized.name
             written += with_data(quantized)
     tokens, tokenizer_files = write_tokenizer(plan, out)
+    scoring, scoring_files = write_scoring(system, plan, out, int8=int8)
+    written += scoring_files
     # The model card of the system exported, from its manifest and its run's metrics.json (when it is a run's final/)
     card = write_card(out, system_card(source, read_manifest(source), run_metrics(source), name=card_name(source),
                                        export={"graphs": described}))  # fmt: skip
@@ -128,11 +142,67 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
                   "resize": processor.resize, "crop_pct": processor.crop_pct, "rescale": "uint8 / 255",
                   "resample": RESAMPLE, "layout": "NCHW float32"},  # fmt: skip
         "generate": system.generate_config.model_dump(),
+        "scoring": scoring,
         "files": {p.name: p.stat().st_size for p in written + tokenizer_files + [card]},
         "versions": versions(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def write_scoring(system: Any, plan: OnnxPlan, out: Path, *, int8: bool) -> tuple[dict[str, Any] | None, list[Path]]:
+    """The manifest's "scoring" section (prefixcap.onnx_scorer.ScoringSpec) and the embedding graphs it names, for
+    any system; None, with a warning, when its tokenize lays texts out otherwise than the ONNX scorer rebuilds them
+    (the export still captions)."""
+    layout = TextLayout(tuple(plan.prompt_ids), plan.eos_id, MAX_TEXT_TOKENS, bool(system.inputs_end_with_eos))
+    if problem := layout_problem(system, layout, out / "tokenizer.json"):
+        warnings.warn(f"the export cannot score texts ({problem}); it captions as usual", stacklevel=3)
+        return None, []
+    clash = [name for name in EMBEDDING_GRAPHS.values() if name in plan.graphs]
+    graphs = embedding_graphs(system)
+    if graphs is not None and clash:
+        raise ExportError(f"system {system.recipe.system.name!r}'s ONNX plan names a graph {clash[0]!r}, which the "
+                          "export writes for the contrastive score: rename it")  # fmt: skip
+    embedding, written = None, []
+    if graphs is not None:
+        embedding = {}
+        for side, graph in graphs.items():
+            path = out / f"{EMBEDDING_GRAPHS[side]}.onnx"
+            with warnings.catch_warnings():
+                # transformers gathers output_hidden_states through a module-level collector, which dynamo reports as
+                # a side effect; the states are traced all the same (tests/test_onnx_score.py compares the scores).
+                warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+                export_graph(graph, path)
+            embedding[side] = {"file": path.name, **describe(path)}
+            written += with_data(path)
+            if int8:
+                quantized = quantize(path)
+                embedding[side]["int8_file"] = quantized.name
+                written += with_data(quantized)
+    scoring = {"max_tokens": layout.max_tokens, "inputs_end_with_eos": layout.inputs_end_with_eos, "blank": "zeros",
+               "embedding": embedding, "calibration": getattr(system, "score_calibration", None)}  # fmt: skip
+    ScoringSpec.model_validate(scoring)  # what OnnxScorer will accept: a mistake here is prefixcap's, found now
+    return scoring, written
+
+
+def layout_problem(system: Any, layout: TextLayout, tokenizer_file: Path) -> str | None:
+    """Why the ONNX scorer's tokens of PROBE_TEXTS (``layout`` over the exported tokenizer.json) would differ from
+    the system's tokenize, or None when they are the same."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        input_ids, mask, labels = (t.tolist() for t in system.tokenize(PROBE_TEXTS, layout.max_tokens))
+    except Exception as e:  # a plugin's tokenize: whatever it raises, the export still captions
+        return f"the system's tokenize failed: {summary(e)}"
+    for text, ids, row_mask, row_labels in zip(PROBE_TEXTS, input_ids, mask, labels):
+        tokens, real = layout.text_ids(tokenizer, text), sum(row_mask)
+        if row_mask != [1] * real + [0] * (len(row_mask) - real):
+            return "the system's tokenize does not right-pad"
+        if ids[:real] != layout.inputs(tokens) or [i for i in row_labels if i != -100] != layout.labels(tokens):
+            return (f"the system's tokenize lays {text[:40]!r} out otherwise than [prompt] text EOS from "
+                    "tokenizer.json")  # fmt: skip
+    return None
 
 
 def publish(staging: Path, out: Path) -> None:
@@ -183,7 +253,12 @@ def quantize(path: Path) -> Path:
         # onnxruntime's recommended preparation: shapes inferred and constants folded, so that weights reached
         # through a Transpose (a tied lm_head) become constants the quantiser can see.
         prepared = Path(tmp) / path.name
-        quant_pre_process(path, prepared, save_as_external_data=len(with_data(path)) > 1)
+        external = len(with_data(path)) > 1
+        try:
+            quant_pre_process(path, prepared, save_as_external_data=external)
+        except Exception:  # onnxruntime's symbolic shape inference fails on some graphs' Expand (the
+            # embedding graphs' F.normalize) with a bare TypeError; ONNX's own shape inference still prepares them.
+            quant_pre_process(path, prepared, save_as_external_data=external, skip_symbolic_shape=True)
         quantize_dynamic(prepared, target, weight_type=QuantType.QInt8)
     return target
 

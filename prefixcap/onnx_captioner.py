@@ -181,7 +181,7 @@ class OnnxCaptioner:
         self.directory = Path(directory)
         self.manifest, self.runtime = read_manifest(self.directory)
         key = "int8_file" if int8 else "file"
-        options = ort.SessionOptions()
+        options = self.session_options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions: dict[str, ort.InferenceSession] = {}
@@ -258,11 +258,19 @@ class OnnxCaptioner:
     def start(self, pixel_values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The image graphs, then the first step (with the prompt ids): logits (B, V) of the first caption token, and
         what the next step feeds."""
-        runtime, batch = self.runtime, len(pixel_values)
+        return self.begin(self.encode(pixel_values), len(pixel_values))
+
+    def encode(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The image graphs: what the step graph is fed of each image (every_step and first_step inputs, batch
+        first). The ONNX scorer encodes an image once and teacher-forces many texts from it (``begin``)."""
         given = {PIXELS: pixel_values}
-        for graph in runtime.image:
+        for graph in self.runtime.image:
             given.update(self.run(graph, given))
-        feed = {name: given[name] for name in [*runtime.every_step, *runtime.first_step]}
+        return {name: given[name] for name in [*self.runtime.every_step, *self.runtime.first_step]}
+
+    def begin(self, encoded: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The first step from ``encode``'s outputs (``batch`` rows) and an empty cache, fed the prompt ids."""
+        runtime, feed = self.runtime, dict(encoded)
         axis = runtime.cache.length_axis
         for value in self.manifest["graphs"][runtime.step]["inputs"]:
             if value["name"] in dict(self.cache):  # an empty past: the batch, length 0, the other dims as declared

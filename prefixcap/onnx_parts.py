@@ -32,8 +32,8 @@ from prefixcap.decoding import cache_keyword
 from prefixcap.onnx_spec import Cache, ExportError, Runtime
 
 __all__ = ["BATCH", "BATCH_DIM", "BATCH_DIMS", "NEW", "PAST", "PREFIX", "Cache", "ExportError", "Graph", "OnnxPlan",
-           "PrefixDecoderStep", "Runtime", "example_cache", "example_pixels", "flatten", "merge_lora", "output_cache",
-           "pairs", "positions", "prefix_decoder_graph"]  # fmt: skip
+           "PrefixDecoderStep", "Runtime", "embedding_graphs", "example_cache", "example_pixels", "flatten",
+           "merge_lora", "output_cache", "pairs", "positions", "prefix_decoder_graph"]  # fmt: skip
 
 # Example sizes for tracing: torch.export specialises dims of size 0 or 1, so every dynamic dim is traced at 2 or
 # more (the graphs still run at 0 and 1).
@@ -146,3 +146,45 @@ def prefix_decoder_graph(lm: nn.Module, prefix: str = "prefix_embeds") -> Graph:
             {0: BATCH_DIM, 1: Dim("total_sequence_length")}, past_dims)  # fmt: skip
     return Graph(PrefixDecoderStep(lm), (embeds, ids, mask, past), [prefix, "input_ids", "attention_mask", *past_names],
                  ["logits", *present], dims)
+
+
+class ImageEmbedding(nn.Module):
+    """pixel_values -> the image's embedding in the system's shared space, (B, E): its visual tokens pooled by its
+    EmbeddingLoss, as prefixcap.score.TorchScorer computes it."""
+
+    def __init__(self, system: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.system, self.loss = system, loss
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.loss.image_embedding(self.system.visual_tokens(pixel_values))  # (B, 3, S, S) -> (B, E)
+
+
+class TextEmbedding(nn.Module):
+    """input_ids, attention_mask (as the system's tokenize makes them, right-padded) -> the text's embedding, (B, E):
+    the decoder over the text alone, pooled by the EmbeddingLoss."""
+
+    def __init__(self, system: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.system, self.loss = system, loss
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.loss.text_embedding(self.system.text_states(input_ids, attention_mask), attention_mask)
+
+
+def embedding_graphs(system: Any) -> dict[str, Graph] | None:
+    """The contrastive score's graphs of any system that learnt a shared space (System.embedding_loss), built from
+    System.visual_tokens and System.text_states, which a system implements to train one: None without one.
+    prefixcap.export writes them beside the plan's graphs; the plan itself never names them."""
+    loss = system.embedding_loss()
+    if loss is None:
+        return None
+    length = Dim("sequence_length")
+    text = {0: BATCH_DIM, 1: length}
+    ids, mask = torch.zeros(BATCH, PAST + NEW, dtype=torch.long), torch.ones(BATCH, PAST + NEW, dtype=torch.long)
+    return {
+        "image": Graph(ImageEmbedding(system, loss), (example_pixels(system.encoder),), ["pixel_values"],
+                       ["image_embeds"], (BATCH_DIMS,)),
+        "text": Graph(TextEmbedding(system, loss), (ids, mask), ["input_ids", "attention_mask"], ["text_embeds"],
+                      (text, text)),
+    }  # fmt: skip

@@ -34,7 +34,8 @@ pytest collects the inherited tests (one class per component):
     test_one_training_step          AdamW on system.param_groups() moves trainable parameters only, and some
     test_save_load_round_trip       system.save + prefixcap.load: same tensors, logits and greedy captions
     test_onnx_export                prefixcap.export.export_system + OnnxCaptioner: same greedy captions as
-                                    PyTorch; skipped (with the reason) unless the class claims exports_onnx
+                                    PyTorch, and OnnxScorer the same scores; skipped (with the reason) unless
+                                    the class claims exports_onnx
 
 Each test loads only the distribution under test and the prefixcap plugin distributions it requires (its
 Requires-Dist), as PREFIXCAP_LOAD_PLUGINS would, and restores the registry afterwards: another installed plugin, even
@@ -942,3 +943,13 @@ class ComponentConformance:
             reference = loaded.decoder(inputs, mask, num_logits=1)[:, -1].float().numpy()
         assert np.abs(logits - reference).max() < ONNX_LOGITS_ATOL, "first-step logits differ from PyTorch's"
         assert captioner.caption(images) == loaded.caption(images)
+        if json.loads((onnx_dir / "manifest.json").read_text())["scoring"] is not None:  # else export warned why
+            from prefixcap.onnx_scorer import OnnxScorer
+            from prefixcap.score import TorchScorer
+
+            texts = ["a red circle", "  two small blue squares, left of it  "]
+            scorers = (OnnxScorer(onnx_dir, threads=1), TorchScorer(loaded))
+            got, want = (scorer.score(scorer.prepare(images), texts) for scorer in scorers)
+            assert set(got) == set(want), "the ONNX export scores other kinds than PyTorch"
+            for kind in want:
+                assert np.abs(got[kind] - want[kind]).max() < ONNX_LOGITS_ATOL, f"ONNX {kind} scores differ"
