@@ -37,6 +37,10 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 SECONDS_MODE_STEPS = 10_000_000  # with a wall-clock budget the step count is unknown: the LR stays flat after warmup
 QUALITY = ("clip_s", "ref_clip_s", "cider", "bleu4")  # held-out (test split) metrics of any data, after its headline
+# The generative score runs the decoder once per (image, text) pair, so matching costs images x distinct captions
+# decoder passes: 100 shapes images have ~80, ~8,000 passes, 6 s per quickstart system on 2 idle CPU cores
+# (several times that on busy ones); twice the images is four times the work.
+MATCHING_IMAGES = 100
 
 
 class BenchError(PrefixcapError):
@@ -81,6 +85,7 @@ class Protocol:
     gen_images: int  # images captioned one at a time for latency; batch-N speed uses 8 batches of validation images
     gen_batch: int  # N of "images/s at batch N" (also the evaluation batch)
     headline: Metric | None = None  # the data's own metric (DatasetSource.headline): first row, default target
+    matching_images: int = MATCHING_IMAGES  # held-out images that retrieval and hard negatives are measured on
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         return {
@@ -115,6 +120,7 @@ class EntryResult:
     values: dict[str, float | int | None]
     why: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
     data: dict[str, Any] = field(default_factory=dict)  # what it trained on: fingerprint, sizes
+    matching: dict[str, Any] = field(default_factory=dict)  # measure_matching(); bench() makes them one section
 
 
 # --- setting up ---------------------------------------------------------------------------------------------------
@@ -173,7 +179,7 @@ def default_target(headline: Metric | None) -> Target | None:
 
 def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None = None, seconds: float | None = None,
          seed: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
-         target: str | None = None, gen_images: int = 32,
+         target: str | None = None, gen_images: int = 32, matching_images: int = MATCHING_IMAGES,
          overrides: Sequence[str] = ()) -> tuple[Protocol, list[Entry]]:  # fmt: skip
     """Resolve the entries and the protocol they share; checked before anything trains."""
     names = [n.strip() for n in compare if n.strip()]
@@ -181,6 +187,8 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
         raise BenchError("--compare needs at least one entry, e.g. --compare crossattn,prefix")
     if steps is not None and seconds is not None:
         raise BenchError("give one budget: --steps or --seconds, not both")
+    if matching_images < 1:
+        raise BenchError(f"matching_images is {matching_images}: matching needs at least one held-out image")
     own = [load_recipe(entry_recipe(n, data is not None)) for n in names]  # errors point at each entry's file
     first = own[0]
     data_section = parse_data(data) if data is not None else first.to_dict().get("data")
@@ -195,7 +203,7 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
         target=Target.parse(target) if target else default_target(headline),
         max_caption_tokens=first.train.max_caption_tokens, max_new_tokens=first.generate.max_new_tokens,
         eval_examples=first.eval.max_examples, clip_model=first.eval.clip_model, gen_images=gen_images,
-        gen_batch=first.eval.batch_size, headline=headline,
+        gen_batch=first.eval.batch_size, headline=headline, matching_images=matching_images,
     )  # fmt: skip
     entries, labels = [], set()
     for name, recipe in zip(names, own):
@@ -309,7 +317,9 @@ def _dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
-def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any], None]) -> EntryResult:
+def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any], None],
+              reference: bool = False) -> EntryResult:  # fmt: skip
+    """Train and measure one entry; ``reference``: also measure the data's CLIPScore model's matching figures."""
     from prefixcap.training import start
 
     tic = time.perf_counter()
@@ -348,7 +358,11 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any
     data = {"fingerprint": trainer.data_seen.hexdigest(), "train_examples": len(trainer.train_split),
             "val_examples": len(trainer.val_split), "seed": t.seed, "batch_size": t.batch_size,
             "skipped_images": metrics["skipped_images"], "memory": memory["kind"]}  # fmt: skip
-    return EntryResult(entry.label, entry.recipe.source, entry.recipe.system.name, values, why, data)
+    from prefixcap.matching import measure_matching
+
+    matching = measure_matching(trainer.system, trainer.source, protocol.matching_images,
+                                trainer.scorer if reference else None)  # fmt: skip
+    return EntryResult(entry.label, entry.recipe.source, entry.recipe.system.name, values, why, data, matching)
 
 
 # --- the comparison -----------------------------------------------------------------------------------------------
@@ -377,15 +391,18 @@ def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable
     except OSError as e:
         raise BenchError(f"cannot write the bench directory {out}: {e.strerror or e}") from None
     results = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         say(EntryStarted(entry.label, entry.recipe.source), entry.label)
-        results.append(asdict(run_entry(entry, protocol, out, lambda event, label=entry.label: say(event, label))))
+        # The reference CLIP sees the same held-out images whichever entry measures it: the first does.
+        done = run_entry(entry, protocol, out, lambda event, label=entry.label: say(event, label), reference=i == 0)
+        results.append(asdict(done))
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     protocol_dict = {**asdict(protocol), "target": str(protocol.target) if protocol.target else None}
     protocol_dict = json.loads(json.dumps(protocol_dict))  # as bench.json holds it (the headline's bounds a list)
+    matching = bench_report.matching([(r["label"], r.pop("matching")) for r in results], protocol.clip_model)
     result = {"environment": bench_report.environment(device), "protocol": protocol_dict, "entries": results,
-              "ratios": bench_report.ratios(results)}  # fmt: skip
+              "ratios": bench_report.ratios(results), "matching": matching}  # fmt: skip
     result["files"] = {k: str(v) for k, v in bench_report.write(result, out).items()}
     return result

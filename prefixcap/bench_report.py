@@ -37,6 +37,16 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+# The matching section's rows (prefixcap.retrieval's figures), one column per entry and score type.
+MATCHING_ROWS: list[tuple[str, str]] = [
+    ("i2t_r1", "image->text R@1"),
+    ("i2t_r5", "image->text R@5"),
+    ("t2i_r1", "text->image R@1"),
+    ("t2i_r5", "text->image R@5"),
+    ("hard_negative_accuracy", "hard-negative accuracy"),
+]
+
+
 def environment(device: str) -> dict[str, Any]:
     import torch
 
@@ -114,6 +124,59 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     return table
 
 
+def matching(entries: list[tuple[str, dict[str, Any]]], clip_model: str | None) -> dict[str, Any]:
+    """bench.json's matching section from each entry's measure_matching(): the set's facts (the same for every
+    entry: one split, one protocol), one column per entry and score type, and the reference CLIP's column last."""
+    first = entries[0][1]
+    facts = {k: v for k, v in first.items() if k not in ("scores", "why", "reference", "seconds")}
+    no_negatives = first.get("why_no_hard_negatives")
+    columns = [_column(label, kind, values, found["why"].get(kind), no_negatives)
+               for label, found in entries for kind, values in found["scores"].items()]  # fmt: skip
+    if reference := first.get("reference"):
+        columns.append(_column(reference["model"], "cosine", reference["scores"], None, no_negatives, True))
+    else:
+        why = "eval.clip_model is null" if clip_model is None else next(iter(first["why"].values()), "not measured")
+        columns.append(_column("CLIP", "cosine", None, why, no_negatives, True))
+    seconds = {label: found["seconds"] for label, found in entries if "seconds" in found}
+    return {**facts, "seconds": seconds, "columns": columns}
+
+
+def _column(label: str, kind: str, values: dict[str, Any] | None, why: str | None, no_negatives: str | None,
+            reference: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One column: a value for each MATCHING_ROWS key, or the reason in ``why``: a figure is never a silent gap."""
+    values = {key: (values or {}).get(key) for key, _ in MATCHING_ROWS}
+    reasons = {key: why or (no_negatives if key == "hard_negative_accuracy" else None) or "not measured"
+               for key, value in values.items() if value is None}  # fmt: skip
+    return {"label": label, "score": kind, "reference": reference, "values": values, "why": reasons}
+
+
+def matching_markdown(section: dict[str, Any]) -> list[str]:
+    """bench.md's matching table: rows are the figures, columns entry x score type, the reference CLIP last."""
+    columns = section["columns"]
+    if "images" not in section:  # no held-out images: every column says why
+        return ["", "### Matching: retrieval and hard negatives", "", f"n/a: {columns[0]['why']['i2t_r1']}"]
+    negatives = (f"each image's caption against its {section['negatives_per_image']:.1f} hard negatives on average "
+                 f"(minimal edits: one colour, one shape or the order changed; {section['hard_negative_images']} "
+                 "images)" if section["negatives_per_image"] is not None
+                 else f"no hard negatives: {section['why_no_hard_negatives']}")  # fmt: skip
+    lines = [
+        "", "### Matching: retrieval and hard negatives", "",
+        f"On the first {section['images']} held-out ({section['split']}) images and their {section['captions']} "
+        f"distinct captions (first references; images that share a caption all count as right), {negatives}. "
+        "Ties count as misses. The reference column is the data's CLIPScore model, by the cosine of its own "
+        "embeddings.",
+        "",
+        "| | " + " | ".join(f"{c['label']} {c['score']}" + (" (reference)" if c["reference"] else "")
+                           for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]  # fmt: skip
+    for key, label in MATCHING_ROWS:
+        cells = [f"{c['values'][key]:.3f}" if c["values"][key] is not None else f"n/a: {c['why'][key]}"
+                 for c in columns]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     env, p = report["environment"], report["protocol"]
     budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s of training"
@@ -127,6 +190,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|" + "---|" * len(report["entries"]),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    if report.get("matching"):
+        lines += matching_markdown(report["matching"])
     return "\n".join(lines) + "\n"
 
 

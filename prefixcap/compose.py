@@ -152,7 +152,7 @@ def compose(
             built = build(("system",), "system", recipe_.system, encoder=enc, connector=con, decoder=dec,
                           losses=[], pretrained=pretrained)  # fmt: skip
             built.losses = nn.ModuleList(losses(getattr(built.decoder, "hidden_size", None)))
-        _check_embedding_loss(built)
+        built.check_embedding_loss()  # refused now, not at the first training step
     if weights == "random":
         # Random weights cannot be fetched again, so saving keeps them whole (as for `checkpoint: tiny`).
         given_ids = {id(m) for m in [*objects.values(), *(loss_objects or [])]}
@@ -164,20 +164,6 @@ def compose(
     # Ready to caption, as loaded systems are: dropout (the mlp connector's, LoRA's) would otherwise make two calls of
     # caption() differ. Training switches it to train mode itself.
     return built.eval()
-
-
-def _check_embedding_loss(system: Any) -> None:
-    """A loss that learns a shared image-text space (itc) needs two methods a system may lack: refuse the recipe now,
-    not at the first training step."""
-    from prefixcap.interfaces import System
-
-    if system.embedding_loss() is None:
-        return
-    missing = [name for name in ("visual_tokens", "text_states") if getattr(type(system), name) is getattr(System, name)]
-    if missing:
-        raise CompositionError(f"{type(system.embedding_loss()).__name__} learns a shared image-text space from "
-                               f"System.{' and System.'.join(missing)}, which {type(system).__name__} does not "
-                               "implement (docs/writing-a-plugin.md, Scoring): drop the loss from the recipe")
 
 
 def _named(location: str) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from prefixcap.errors import SavedSystemError
+from prefixcap.errors import CompositionError, SavedSystemError
 from prefixcap.data.rows import Example, Rows, spool  # the row contract lives with its Arrow implementation
 from prefixcap.images import ImageProcessor
 from prefixcap.weights import load_into, module_state, save_tensors
@@ -316,6 +316,17 @@ class System(nn.Module, ABC):
         """The loss that learnt this system's shared image-text space, if any (the first)."""
         return next((loss for loss in self.losses if isinstance(loss, EmbeddingLoss)), None)
 
+    def check_embedding_loss(self) -> None:
+        """An embedding loss (itc) learns from visual_tokens and text_states, which a plugin system may lack: compose
+        calls this so that the recipe is refused with the missing method's name."""
+        if (loss := self.embedding_loss()) is None:
+            return
+        missing = [name for name in ("visual_tokens", "text_states") if getattr(type(self), name) is getattr(System, name)]
+        if missing:
+            raise CompositionError(f"{type(loss).__name__} learns a shared image-text space from "
+                                   f"System.{' and System.'.join(missing)}, which {type(self).__name__} does not "
+                                   "implement (docs/writing-a-plugin.md, Scoring): drop the loss from the recipe")
+
     def score(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> Any:
         """How well each text matches each image: ``prefixcap.score.Scores`` with a (len(images), len(texts)) matrix
         per score type (generative always; contrastive when the system learnt one); see prefixcap/score.py."""
@@ -437,3 +448,10 @@ class DatasetSource(ABC):
         """Metrics only this data can compute (e.g. the shapes oracle's exact-scene accuracy): ``captions[k]`` was
         generated for example ``indices[k]`` of the split (in ``examples(split)`` order)."""
         return {}
+
+    def hard_negatives(self, split: str, index: int) -> list[str]:
+        """Optional: minimal edits of example ``index``'s first reference that describe something else (another
+        colour, object or order), for `prefixcap bench`'s hard-negative test. Only a source that can check an edit
+        really changes the meaning should offer them (the shapes world parses its captions)."""
+        raise NotImplementedError(f"the {type(self).__name__} data set has no hard negatives (a data set offers them "
+                                  "with DatasetSource.hard_negatives)")  # fmt: skip

@@ -78,6 +78,28 @@ def test_bench_json_has_every_figure_for_every_entry(report):
     assert (out / "bench.png").stat().st_size > 10_000
 
 
+def test_bench_reports_matching_for_each_system_and_score_beside_the_shapes_clip(report):
+    from prefixcap.bench_report import MATCHING_ROWS
+
+    result, out = report
+    section = json.loads((out / "bench.json").read_text())["matching"]
+    assert section == result["matching"] and "matching" not in result["entries"][0]
+    # the held-out test split (6 images at this size), each caption against its own minimal edits
+    assert (section["split"], section["images"], section["hard_negative_images"]) == ("test", 6, 6)
+    assert section["negatives_per_image"] >= 5 and section["why_no_hard_negatives"] is None
+    assert result["protocol"]["matching_images"] == 100 and set(section["seconds"]) == {"crossattn", "prefix"}
+    columns = [(c["label"], c["score"]) for c in section["columns"]]
+    assert columns == [("crossattn", "generative"), ("crossattn", "contrastive"), ("prefix", "generative"),
+                       ("prefix", "contrastive"), ("prefixcap/shapes-clip", "cosine")]  # fmt: skip
+    for column in section["columns"]:  # both quickstarts train itc: every figure is there
+        assert set(column["values"]) == {key for key, _ in MATCHING_ROWS} and not column["why"]
+        assert all(0 <= v <= 1 for v in column["values"].values()), column
+    md = (out / "bench.md").read_text()
+    assert "### Matching: retrieval and hard negatives" in md and "first 6 held-out (test) images" in md
+    assert "| | crossattn generative | crossattn contrastive | prefix generative | prefix contrastive | " \
+           "prefixcap/shapes-clip cosine (reference) |" in md
+
+
 def test_both_entries_trained_on_the_same_examples_in_the_same_order(report):
     result, _ = report
     data = [e["data"] for e in result["entries"]]

@@ -14,18 +14,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "prefixcap"
 
 # Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["errors", "hookspecs", "config", "yaml_text", "files", "decoding", "metrics", "metrics.captioning"]),
+    ("base", ["errors", "hookspecs", "config", "yaml_text", "files", "decoding", "metrics", "metrics.captioning",
+              "retrieval", "scoring"]),
     ("plumbing", ["registry", "checkpoints", "images", "weights", "data.rows", "card", "hf_config"]),
     # Assembly sits under the contracts: recipe, compose and persist reach components through the registry, by
     # registered name ("module:factory"), never by import; so System.save and System.load can call them.
     # hub resolves hub ids for persist and pushes what persist saved.
     ("assembly", ["recipe", "compose", "persist", "hub"]),
-    ("contracts", ["interfaces", "onnx_spec", "onnx_parts"]),
+    # score is System.score's engine: interfaces calls it, and it runs a System through Batch, so the two share a layer
+    ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score"]),
     ("components", ["encoders*", "connectors*", "decoders*", "losses*", "systems*", "data", "data.shapes",
                     "data.sources", "metrics.clipscore"]),
     ("data path", ["data.cache", "data.loader"]),
     ("workflows", ["training*", "bench", "bench_report", "caption", "export", "onnx_captioner", "web_demo", "hf",
-                   "doctor"]),
+                   "doctor", "matching", "judge", "score_rows", "onnx_scorer"]),
     # "" is prefixcap/__init__.py, the Python API; the conformance kit tests plugins through it, as their users will
     ("surface", ["", "cli", "__main__", "testing"]),
 ]

@@ -135,6 +135,32 @@ def scene_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> float:
     return sum(parse_caption(c) == tuple(s) for c, s in zip(captions, scenes)) / len(captions)
 
 
+def minimal_edits(scene: Scene) -> list[Scene]:
+    """Every scene one edit away from ``scene``: one shape's colour changed, one shape's kind changed, or two shapes
+    swapped (with two or more), each a different scene, without repeats, in a fixed order (deterministic)."""
+    edits: list[Scene] = []
+    for i, shape in enumerate(scene):
+        edits += [scene[:i] + (shape._replace(colour=c),) + scene[i + 1 :] for c in COLOURS if c != shape.colour]
+    for i, shape in enumerate(scene):
+        edits += [scene[:i] + (shape._replace(kind=k),) + scene[i + 1 :] for k in KINDS if k != shape.kind]
+    for i in range(len(scene)):
+        for j in range(i + 1, len(scene)):
+            swapped = list(scene)
+            swapped[i], swapped[j] = scene[j], scene[i]
+            edits.append(tuple(swapped))
+    # A swap of two equal shapes is the scene itself; dict keys drop it and any repeat, keeping the order.
+    return [edit for edit in dict.fromkeys(edits) if edit != tuple(scene)]
+
+
+def hard_negatives(scene: Scene) -> list[str]:
+    """The plainest caption (``references(...)[0]``) of each of ``minimal_edits(scene)``: the true caption's own
+    words with one colour, one kind or the order changed. Each is kept only if the oracle reads it back as another
+    scene, so a caption that still states ``scene`` (or states nothing) is never counted against the truth."""
+    captions = [references(edit)[0] for edit in minimal_edits(scene)]
+    kept = [c for c in captions if (stated := parse_caption(c)) is not None and stated != tuple(scene)]
+    return list(dict.fromkeys(kept))
+
+
 class ShapesSource(DatasetSource):
     """The registered ``shapes`` dataset: deterministic by (seed, split, index); see the module docstring."""
 
@@ -183,6 +209,13 @@ class ShapesSource(DatasetSource):
             return {}
         scenes = list(self.scenes(split))
         return {"oracle_accuracy": scene_accuracy(captions, [scenes[i] for i in indices])}
+
+    def hard_negatives(self, split: str, index: int) -> list[str]:
+        """Minimal edits of example ``index``'s first reference, each checked to state another scene (see
+        ``hard_negatives``): what `prefixcap bench`'s hard-negative test puts against the true caption."""
+        if not 0 <= index < self.size(split):
+            raise IndexError(f"{split} has {self.size(split)} examples; there is no example {index}")
+        return hard_negatives(self._layout(split, self._rng(split, index))[0])
 
     def _rng(self, split: str, index: int) -> random.Random:
         # A str seed is hashed with SHA-512 by random.Random: stable across processes, platforms and PYTHONHASHSEED.
