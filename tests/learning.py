@@ -75,3 +75,25 @@ def assert_learned_no_scene(control, real) -> None:
     print(f"{control.run_dir}: {found:.1%} of held-out scenes stated exactly; held-out loss {ratio:.1f}x the real run's")
     assert found <= CONTROL_ACCURACY, f"trained on shuffled pairs, it still states {found:.1%} of scenes"
     assert control.metrics["test_loss"] >= CONTROL_LOSS_RATIO * real.metrics["test_loss"]
+
+
+def judging(run_dir: Path, images: int = 100) -> dict[str, dict[str, float]]:
+    """How well a run's saved system judges captions on the first ``images`` held-out shapes, as `prefixcap bench`
+    measures it (prefixcap.matching): per score type, retrieval recall and hard-negative accuracy; and the share of
+    the images' true captions at or above the run's calibrated --min-score (measured on the validation split)."""
+    import prefixcap
+    from prefixcap.matching import measure_matching
+    from prefixcap.score import score_candidates
+
+    system = prefixcap.load(run_dir / "final")
+    source = ShapesSource(ShapesOptions(test_size=200))
+    found = measure_matching(system, source, images)["scores"]
+    examples = [source.example("test", i) for i in range(images)]
+    own = score_candidates(system, [e.image for e in examples], [[e.captions[0]] for e in examples])
+    for kind, figures in found.items():
+        if figures is not None:
+            calibration = system.score_calibration[kind]
+            figures["true_above_min"] = sum(float(s[kind][0]) >= calibration["min_score"] for s in own) / images
+            figures["calibrated_on"] = calibration["pairs"]
+    print(f"{run_dir}: {found}")  # the figures the docs quote (-rP)
+    return {kind: figures for kind, figures in found.items() if figures is not None}

@@ -14,7 +14,8 @@ losses to the bit; the cross-attention baseline 80.5%; both controls 0%, with a 
 from __future__ import annotations
 
 import pytest
-from learning import QUICKSTART_ACCURACY, assert_learned, assert_learned_no_scene, exact_scenes, jsonl, losses
+from learning import (QUICKSTART_ACCURACY, assert_learned, assert_learned_no_scene, exact_scenes, judging, jsonl,
+                      losses)
 
 from conftest import learning_cache, train_quietly
 
@@ -42,3 +43,21 @@ def test_quickstart_on_shuffled_pairs_learns_no_scene(quickstart_short, shapes_f
     control = train_quietly("quickstart", overrides, root / "run", learning_cache(tmp_path_factory))
     assert losses(control)[-1] <= losses(control)[0] / 2  # it does learn: the captions' words and grammar
     assert_learned_no_scene(control, quickstart_short)
+    for kind, figures in judging(control.run_dir).items():  # nor does it learn to match images and captions
+        assert figures["i2t_r1"] <= 0.15 and figures["t2i_r1"] <= 0.15 and figures["hard_negative_accuracy"] <= 0.2, (kind, figures)
+
+
+def test_quickstart_learns_to_judge_captions(quickstart_short):
+    """The same 300 steps, trained with itc and blank images, make a judge of captions: on 100 held-out images it
+    retrieves each image's caption among theirs and tells the true caption from one-word edits of it (a colour, a
+    shape or the order changed; about 12 an image, all of which it must beat), by both scores; and the --min-score it
+    calibrated on the 50 validation images lets through nearly all true test captions. Measured: generative i2t
+    R@1 0.97, t2i 1.0, hard negatives 0.89, 99% of true captions at or above the threshold; contrastive 0.98, 0.93,
+    0.79 and 97%. The control above: R@1 at most 0.04, hard negatives at most 0.02."""
+    found = judging(quickstart_short.run_dir)
+    assert set(found) == {"generative", "contrastive"}
+    for kind, hard_negative in (("generative", 0.75), ("contrastive", 0.65)):
+        figures = found[kind]
+        assert figures["i2t_r1"] >= 0.8 and figures["t2i_r1"] >= 0.8, (kind, figures)
+        assert figures["hard_negative_accuracy"] >= hard_negative, (kind, figures)
+        assert figures["true_above_min"] >= 0.9 and figures["calibrated_on"] == 50, (kind, figures)

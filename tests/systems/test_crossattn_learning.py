@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import QUICKSTART_SHORT, learning_cache, train_quietly
-from learning import CROSSATTN_ACCURACY, assert_learned, assert_learned_no_scene, exact_scenes, jsonl
+from learning import CROSSATTN_ACCURACY, assert_learned, assert_learned_no_scene, exact_scenes, jsonl, judging
 
 
 @pytest.fixture(scope="module")
@@ -25,3 +25,16 @@ def test_the_crossattn_baseline_on_shuffled_pairs_learns_no_scene(crossattn, sha
     root = tmp_path_factory.mktemp("crossattn-shuffled")
     control = train_quietly("quickstart-crossattn", overrides, root / "run", learning_cache(tmp_path_factory))
     assert_learned_no_scene(control, crossattn)
+
+
+def test_the_crossattn_baseline_learns_to_judge_captions(crossattn):
+    """As the quickstart's (tests/test_learning.py), with the baseline's weaker contrastive space held to less: its
+    decoder reads the image by cross-attention, so the text-alone states it pools learn the shared space more slowly.
+    Measured (100 images): generative i2t R@1 0.92, hard negatives 0.76; contrastive 0.83 and 0.54; 95% and 87% of
+    true captions at or above the calibrated threshold."""
+    found = judging(crossattn.run_dir)
+    generative, contrastive = found["generative"], found["contrastive"]
+    assert generative["i2t_r1"] >= 0.75 and generative["hard_negative_accuracy"] >= 0.65, generative
+    assert contrastive["i2t_r1"] >= 0.5 and contrastive["hard_negative_accuracy"] >= 0.4, contrastive
+    for kind, figures in found.items():
+        assert figures["true_above_min"] >= 0.8 and figures["calibrated_on"] == 50, (kind, figures)
