@@ -478,6 +478,7 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
 @click.option("--texts", "texts_file", metavar="FILE", help="A file of texts, one a line (UTF-8); - reads stdin.")
 @click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False),
               help="Score with this ONNX export, without torch; then there is no RUN_OR_CHECKPOINT.")
+@click.option("--int8", is_flag=True, help="With --onnx: the int8 graphs (written by `prefixcap export --int8`).")
 @click.option("--kind", type=click.Choice(["all", "generative", "contrastive"]), default="all", show_default=True,
               help="Which scores: both, or one (--format matrix needs one).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "matrix"]), default="jsonl", show_default=True,
@@ -490,8 +491,8 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
 @click.option("--text-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Texts per model call.")
 @_errors_to_exit_2
-def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | None, onnx_dir: str | None, kind: str,
-          fmt: str, out_file: str | None, batch_size: int, text_batch: int):
+def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | None, onnx_dir: str | None, int8: bool,
+          kind: str, fmt: str, out_file: str | None, batch_size: int, text_batch: int):
     """Score how well each text matches each image, with the system that writes the captions.
 
     Two scores (docs/scoring.md): generative, how much likelier the image makes the text (mean log-probability
@@ -506,6 +507,8 @@ def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | N
         raise click.UsageError("give RUN_OR_CHECKPOINT and at least one PATH (or --onnx DIR and PATHs)")
     if bool(text_args) == bool(texts_file):
         raise click.UsageError("give the texts with --text TEXT (repeatable) or --texts FILE, not both")
+    if int8 and onnx_dir is None:
+        raise click.UsageError("--int8 applies only with --onnx")
     images = args if onnx_dir is not None else args[1:]
     if texts_file == "-" and "-" in images:
         raise click.UsageError("stdin can give the image paths or the texts, not both")
@@ -517,7 +520,7 @@ def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | N
         if onnx_dir is not None:
             from prefixcap.onnx_scorer import OnnxScorer
 
-            scorer = OnnxScorer(onnx_dir)
+            scorer = OnnxScorer(onnx_dir, int8=int8)
         else:
             from prefixcap.score import TorchScorer
 
@@ -658,7 +661,7 @@ def _judge(captioner, onnx_dir: str | None, rerank: int | None, min_score: str |
     if onnx_dir is not None:
         from prefixcap.onnx_scorer import OnnxScorer
 
-        scorer = OnnxScorer(onnx_dir)
+        scorer = OnnxScorer(onnx_dir, captioner=captioner)  # its graphs, int8 or not, opened once
     else:
         from prefixcap.score import TorchScorer
 

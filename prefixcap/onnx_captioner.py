@@ -178,7 +178,7 @@ def open_session(path: Path, graph: dict[str, Any], options: ort.SessionOptions)
 class OnnxCaptioner:
     def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None):
         """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core)."""
-        self.directory = Path(directory)
+        self.directory, self.int8 = Path(directory), int8
         self.manifest, self.runtime = read_manifest(self.directory)
         key = "int8_file" if int8 else "file"
         options = self.session_options = ort.SessionOptions()

@@ -125,8 +125,12 @@ class OnnxScorer:
     """The scorer protocol of prefixcap.score_rows (kinds, prepare, score) and of reranking (score_pairs,
     calibration), over an export directory."""
 
-    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None):
-        self.captioner = OnnxCaptioner(directory, int8=int8, threads=threads)
+    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None,
+                 captioner: OnnxCaptioner | None = None):  # fmt: skip
+        """``captioner``: the OnnxCaptioner of the same directory, already open (caption --onnx --min-score), whose
+        graphs the generative score runs: they are not opened twice."""
+        self.captioner = captioner or OnnxCaptioner(directory, int8=int8, threads=threads)
+        int8 = self.captioner.int8
         directory = self.captioner.directory
         spec = read_scoring(directory, self.captioner.manifest)
         tokens = self.captioner.tokens

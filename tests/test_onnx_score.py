@@ -259,3 +259,28 @@ def test_the_scorer_imports_no_torch_and_scores_with_the_int8_graphs_too(prefix_
     fp32 = scorer.score(scorer.prepare(IMAGES), TEXTS)
     for kind in fp32:  # the quantised graphs ran, and judge as fp32 does: measured 0.006 (generative), 0.003
         assert 0 < np.abs(np.array(got[kind]) - fp32[kind]).max() < INT8_ATOL, kind
+
+
+def test_score_and_caption_onnx_int8_judge_with_the_int8_graphs(prefix_export, image_files):
+    """`score --onnx --int8` scores with the quantised graphs (as `caption --onnx --int8` captions with them), and
+    `caption --onnx --int8 --min-score` judges with the captioner's own int8 graphs, opened once."""
+    _, _, onnx_dir = prefix_export
+    done = run_cli("score", "--onnx", str(onnx_dir), "--int8", *image_files, *[a for t in TEXTS for a in ("--text", t)])
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    scorer = OnnxScorer(onnx_dir, int8=True, threads=1)
+    int8 = scorer.score(scorer.prepare(IMAGES), TEXTS)
+    for kind in ("generative", "contrastive"):
+        got = np.array([r[kind] for r in rows]).reshape(len(IMAGES), len(TEXTS))
+        np.testing.assert_allclose(got, int8[kind], atol=1e-5, rtol=0)
+    captioner = OnnxCaptioner(onnx_dir, int8=True)
+    judge = OnnxScorer(onnx_dir, captioner=captioner)
+    assert judge.captioner is captioner and judge.embedders["image"] is not None
+    done = run_cli("caption", "--onnx", str(onnx_dir), "--int8", *image_files, "--min-score", "auto", "--raw")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    captions = [r["caption"] for r in rows]
+    assert captions == captioner.caption(IMAGES)
+    expected = judge.score_pairs(judge.prepare(IMAGES), captions, range(len(rows)))["contrastive"]
+    np.testing.assert_allclose([r["score"] for r in rows], expected, atol=1e-5, rtol=0)
+    assert run_cli("score", *image_files, "--int8", "--text", "a red circle").returncode == 2  # --int8 needs --onnx
