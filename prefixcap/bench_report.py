@@ -166,15 +166,19 @@ def matching_markdown(section: dict[str, Any]) -> list[str]:
         "Ties count as misses. The reference column is the data's CLIPScore model, by the cosine of its own "
         "embeddings.",
         "",
-        "| | " + " | ".join(f"{c['label']} {c['score']}" + (" (reference)" if c["reference"] else "")
-                           for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
     ]  # fmt: skip
-    for key, label in MATCHING_ROWS:
-        cells = [f"{c['values'][key]:.3f}" if c["values"][key] is not None else f"n/a: {c['why'][key]}"
-                 for c in columns]  # fmt: skip
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    headers, body = matching_table(section)
+    lines += ["| | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def matching_table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The matching figures as (column headers, rows: a label then one cell per column), for bench.md and the CLI."""
+    columns = section["columns"]
+    headers = [f"{c['label']} {c['score']}" + (" (reference)" if c["reference"] else "") for c in columns]
+    body = [[label, *(f"{c['values'][key]:.3f}" if c["values"][key] is not None else f"n/a: {c['why'][key]}"
+                      for c in columns)] for key, label in MATCHING_ROWS]  # fmt: skip
+    return headers, body
 
 
 def markdown(report: dict[str, Any]) -> str:

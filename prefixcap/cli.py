@@ -328,7 +328,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 
     --set overrides apply to every entry (e.g. --set data.train_size=2000)."""
     from prefixcap.bench import bench as run_bench
-    from prefixcap.bench_report import rows
+    from prefixcap.bench_report import matching_table, rows
 
     from prefixcap.bench import EntryStarted
     from prefixcap.doctor import WillDownload
@@ -356,6 +356,16 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
     for row in rows(result):  # labels and metric names come from recipes and plugins
         table.add_row(*map(_shown, row))
     out.print(table)
+    if "images" in (matching := result.get("matching") or {}):
+        headers, body = matching_table(matching)
+        table = Table(title=_shown(f"matching on {matching['images']} held-out images (docs/scoring.md)"),
+                      title_justify="left")  # fmt: skip
+        table.add_column("")
+        for header in headers:
+            table.add_column(_shown(header), justify="right", overflow="fold")
+        for row in body:
+            table.add_row(*map(_shown, row))
+        out.print(table)
     out.print(_shown(f"wrote {', '.join(result['files'].values())}"), highlight=False)
 
 

@@ -79,7 +79,7 @@ def test_bench_json_has_every_figure_for_every_entry(report):
 
 
 def test_bench_reports_matching_for_each_system_and_score_beside_the_shapes_clip(report):
-    from prefixcap.bench_report import MATCHING_ROWS
+    from prefixcap.bench_report import MATCHING_ROWS, matching_table
 
     result, out = report
     section = json.loads((out / "bench.json").read_text())["matching"]
@@ -98,6 +98,9 @@ def test_bench_reports_matching_for_each_system_and_score_beside_the_shapes_clip
     assert "### Matching: retrieval and hard negatives" in md and "first 6 held-out (test) images" in md
     assert "| | crossattn generative | crossattn contrastive | prefix generative | prefix contrastive | " \
            "prefixcap/shapes-clip cosine (reference) |" in md
+    headers, body = matching_table(section)  # what `prefixcap bench` prints after its main table, and bench.md holds
+    assert [row[0] for row in body] == [label for _, label in MATCHING_ROWS] and all(len(r) == 6 for r in body)
+    assert "| " + " | ".join(body[-1]) + " |" in md and len(headers) == 5
 
 
 def test_both_entries_trained_on_the_same_examples_in_the_same_order(report):
