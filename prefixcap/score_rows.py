@@ -62,6 +62,11 @@ class ScoreRow:
 # --- texts -----------------------------------------------------------------------------------------------------
 
 
+# Texts are judged on their first MAX_TEXT_TOKENS tokens, which never take this many characters: a longer line
+# (a file that is one huge line) is read up to here, so neither memory nor the rows it is echoed into grow with it.
+MAX_LINE_CHARS = 4096
+
+
 class Texts:
     """The texts to score, read again for every group of images: those given on the command line, or a file's
     lines (UTF-8, one text a line; a file of another encoding is refused when first read)."""
@@ -98,8 +103,11 @@ class Texts:
         read = 0
         with self.path.open(encoding="utf-8", newline="") as file:
             try:
-                for line in file:
+                while line := file.readline(MAX_LINE_CHARS):
                     read += 1
+                    if not line.endswith("\n"):  # a line past the cap (or the last): skip the rest of it unread
+                        while (rest := file.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                            pass
                     yield line.rstrip("\r\n")
             except UnicodeDecodeError as e:  # text is decoded a block at a time: the line is where reading stopped
                 raise ScoreError(f"--texts {self.path}: line {read + 1} is not UTF-8 ({e.reason}); save the file as "

@@ -217,3 +217,23 @@ def test_score_command_says_which_score_a_system_lacks(tmp_path, image_files):
     generative = run_cli("score", str(saved), image_files[0], "--text", "a red square")
     assert generative.returncode == 0 and set(json.loads(generative.stdout)) == {"image", "text_index", "text",
                                                                                  "generative", "error"}  # fmt: skip
+
+
+def test_a_texts_file_that_is_one_huge_line_is_read_up_to_the_cap(tmp_path):
+    """A hostile texts file of one 5 MB line and no newline, then a file whose first line is over the cap: each line is
+    read to MAX_LINE_CHARS and the rest skipped, so neither memory nor the rows grow with it; the lines after it
+    are read as they are."""
+    from prefixcap.score_rows import MAX_LINE_CHARS
+
+    huge = tmp_path / "huge.txt"
+    huge.write_text("red " * 1_250_000)
+    tracemalloc.start()
+    texts = [text for chunk in Texts(path=huge).chunks(8) for _, text in chunk]
+    top = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [len(t) for t in texts] == [MAX_LINE_CHARS] and texts[0].startswith("red red")
+    assert top < 1_000_000, top  # the 5 MB line never sat in memory
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("blue " * 2000 + "\na red circle\r\n\nlast")
+    assert [t[:12] for _, t in next(Texts(path=mixed).chunks(10))] == ["blue blue bl", "a red circle", "", "last"]
+    assert Texts(path=mixed).count() == 4
