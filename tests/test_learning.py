@@ -7,8 +7,9 @@ the captions' language but no scene. So a trainer that does not update the weigh
 parameters) or that pairs an image with another's caption (the data path, about to be streamed through worker
 processes, is where that bug would come from) fails here.
 
-Measured on the 2-core CPU: quickstart 83.5% of held-out scenes exact after 300 steps, from JSONL files the same
-losses to the bit; the cross-attention baseline 80.5%; both controls 0%, with a held-out loss 4.1x the real runs'.
+Measured on the 2-core CPU, the recipes training itc: quickstart 87.5% of held-out scenes exact after 300 steps,
+from JSONL files the same losses to the bit; the cross-attention baseline 74.5%; both controls 0%, with a held-out
+loss 7.7x and 6.1x the real runs'.
 """
 
 from __future__ import annotations
