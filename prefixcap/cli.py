@@ -319,6 +319,9 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
                                "headline metric, if it declares one).")
 @click.option("--gen-images", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images captioned one at a time for the batch-1 speed and latency.")
+@click.option("--matching-images", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Held-out images retrieval and hard negatives are measured on (each scored against every "
+                   "distinct caption among them: the cost grows with the square).")
 @set_option
 @click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(file_okay=False),
               help="Where the runs, bench.json, bench.md and bench.png go.")

@@ -151,7 +151,9 @@ def test_bad_bench_options_are_one_line_errors():
     assert both.returncode == 2 and "--steps or --seconds, not both" in both.stderr
     target = run_cli("bench", "--compare", "prefix", "--target", "accuracy=0.9")
     assert target.returncode == 2 and "expected METRIC>=VALUE" in target.stderr
-    assert "Traceback" not in unknown.stderr + both.stderr + target.stderr
+    matching = run_cli("bench", "--compare", "prefix", "--matching-images", "0")
+    assert matching.returncode == 2 and "--matching-images" in matching.stderr
+    assert "Traceback" not in unknown.stderr + both.stderr + target.stderr + matching.stderr
 
 
 def test_the_data_declares_its_headline_metric_and_bench_follows_it(tmp_path):
