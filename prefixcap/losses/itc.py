@@ -58,11 +58,13 @@ class ItcLoss(EmbeddingLoss):
         image = self.image_embedding(outputs.prefix)
         text = self.text_embedding(outputs.text_states, batch.attention_mask)
         ids = batch.input_ids.masked_fill(batch.attention_mask == 0, -1)
-        if batch.blank is not None:  # a blank image is no example of its caption (train.blank_images)
-            seen = ~batch.blank
-            if not seen.any():
-                return (image.sum() + text.sum()) * 0  # nothing to contrast; every head stays in the graph
-            image, text, ids = image[seen], text[seen], ids[seen]
+        # a blank image is no example of its caption (train.blank_images)
+        seen = ~batch.blank if batch.blank is not None else torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        if self.training:  # evaluation runs the same rows on every process: nothing to gather then
+            image, text, ids, seen = whole_micro_batch(image, text, ids, seen)
+        if not seen.any():
+            return (image.sum() + text.sum()) * 0  # nothing to contrast; every head stays in the graph
+        image, text, ids = image[seen], text[seen], ids[seen]
         if image.shape[0] == 1:  # no negatives to contrast with
             return 1 - (image * text).sum()
         logits = image @ text.T * self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()  # (B, B)
@@ -70,3 +72,30 @@ class ItcLoss(EmbeddingLoss):
         targets = same.float() / same.sum(1, keepdim=True)  # (B, B), rows sum to 1; symmetric
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
+
+def whole_micro_batch(image: Tensor, text: Tensor, ids: Tensor, seen: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Under data parallelism each process holds a slice of the micro-batch; InfoNCE over a slice would contrast
+    fewer negatives than one process taking the micro-batch whole, and train something else. So the rows of every
+    process are gathered, in rank order, the embeddings with torch.distributed.nn's all_gather, whose backward hands
+    each process the gradient of its own rows summed over the processes' (equal) losses: with the trainer's weights,
+    which sum to the number of processes, DDP's average is the one-process gradient (training/distributed.py).
+    Slices may differ in rows (an unreadable image) and in caption length: they are padded, padding rows unseen."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image, text, ids, seen
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size()
+    shapes = [torch.zeros(2, dtype=torch.long, device=ids.device) for _ in range(world)]
+    dist.all_gather(shapes, torch.tensor(ids.shape, dtype=torch.long, device=ids.device))
+    rows, width = (int(v) for v in torch.stack(shapes).max(0).values)
+    pad = rows - ids.shape[0]
+    ids = F.pad(ids, (0, width - ids.shape[1], 0, pad), value=-1)
+    seen = F.pad(seen.long(), (0, pad), value=0)
+    image, text = F.pad(image, (0, 0, 0, pad)), F.pad(text, (0, 0, 0, pad))
+    every_ids, every_seen = [torch.empty_like(ids) for _ in range(world)], [torch.empty_like(seen) for _ in range(world)]
+    dist.all_gather(every_ids, ids)
+    dist.all_gather(every_seen, seen)
+    return (torch.cat(all_gather(image)), torch.cat(all_gather(text)), torch.cat(every_ids),
+            torch.cat(every_seen).bool())  # fmt: skip

@@ -167,11 +167,12 @@ class Run:
         return self.blank_some(batch, items.rows) if t.blank_images else batch
 
     def blank_some(self, batch: Batch, rows: Any) -> Batch:
-        """Show a train.blank_images share of the batch a blank image (see TrainConfig): which ones is a pure function
-        of (seed, step, rows), so a resumed run blanks the ones an uninterrupted run would have."""
+        """Show a train.blank_images share of the batch a blank image (see TrainConfig): whether an example is blanked
+        is a pure function of (seed, step, its row), so a resumed run blanks the ones an uninterrupted run would
+        have, and processes that each take a slice of a micro-batch blank what one process taking it whole would."""
         t = self.recipe.train
-        draw = random.Random(f"prefixcap-blank/{t.seed}/{self.step}/{[int(r) for r in rows]}")
-        blank = torch.tensor([draw.random() < t.blank_images for _ in range(len(batch.input_ids))])
+        draws = [random.Random(f"prefixcap-blank/{t.seed}/{self.step}/{int(row)}").random() for row in rows]
+        blank = torch.tensor([draw < t.blank_images for draw in draws])
         batch.blank = blank.to(self.accelerator.device)
         if batch.features is None:
             batch.pixel_values = batch.pixel_values.masked_fill(batch.blank[:, None, None, None], 0)
