@@ -212,7 +212,7 @@ def test_quickstart_needs_nothing_beyond_what_ships_with_prefixcap(tmp_path):
     assert items["encoder.checkpoint"]["kind"] == "bundled" and items["encoder.checkpoint"]["status"] == "present"
     assert items["decoder.checkpoint"]["kind"] == "nothing"  # checkpoint: tiny
     assert items["eval.clip_model (auto)"]["name"] == "prefixcap/shapes-clip"  # shapes brings its own scorer
-    assert all(i["status"] == "present" for i in items.values()) and items["data.name"]["where"] == "quickstart:20"
+    assert all(i["status"] == "present" for i in items.values()) and items["data.name"]["where"] == "quickstart:21"
     validate = run_cli("validate", "quickstart")
     assert validate.returncode == 0 and "files not checked: `prefixcap doctor quickstart` says" in validate.stdout
 
