@@ -6,7 +6,7 @@ Candidates are the greedy caption and K - 1 sampled ones (duplicates dropped): s
 image. They are ranked by the caption's mean log-likelihood given the image plus its contrastive score (RANK_BY
 "auto"), not by the generative score alone: that score subtracts what the system expects of a blank image, which is
 right for judging a given text but, as a ranking of samples, rewards the improbable ones (on an early quickstart
-checkpoint it picked the right scene for 52% of images where greedy had 80%; likelihood + contrastive 82%:
+checkpoint it picked the right scene for 51.5% of images where greedy had 79%; likelihood + contrastive 81.5%:
 benchmarks/rerank.py). The flag (and the row's score) is one score type's: contrastive when the system learnt it,
 whose calibrated default flags few captions and mostly wrong ones, else generative.
 
