@@ -65,7 +65,7 @@ def test_rows_with_the_same_caption_are_positives_of_each_other():
     # Each row's target spreads over its two equal captions: half on each.
     targets = torch.tensor([[0.5, 0, 0.5, 0], [0, 0.5, 0, 0.5]] * 2)
     expected = (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
-    assert float(loss(out, batch).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_blank_rows_take_no_part_and_an_all_blank_batch_costs_nothing():
@@ -73,14 +73,14 @@ def test_blank_rows_take_no_part_and_an_all_blank_batch_costs_nothing():
     (loss,) = system.losses
     batch = system.make_batch(IMAGES, CAPTIONS)
     batch.blank = torch.tensor([False, False, True])
-    seen = float(loss(system(batch), batch))
+    seen = loss(system(batch), batch).item()
     batch.pixel_values = batch.pixel_values.clone()
     batch.pixel_values[2] = torch.randn_like(batch.pixel_values[2])  # the blank row's image changes nothing
-    assert float(loss(system(batch), batch)) == pytest.approx(seen, rel=1e-6)
+    assert loss(system(batch), batch).item() == pytest.approx(seen, rel=1e-6)
     batch.blank = torch.ones(3, dtype=torch.bool)
     value = loss(system(batch), batch)
     value.backward()
-    assert float(value) == 0 and loss.image_head.weight.grad is not None  # zero, but still in the graph
+    assert value.item() == 0 and loss.image_head.weight.grad is not None  # zero, but still in the graph
 
 
 def test_the_crossattn_system_learns_itc_at_its_decoders_width():
