@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from prefixcap.errors import PrefixcapError
-from prefixcap.scoring import preferred_kind
+from prefixcap.scoring import preferred_kind, score_groups
 
 
 class JudgeError(PrefixcapError):
@@ -41,8 +41,8 @@ RANK_BY = ("auto", "generative", "contrastive", "likelihood")
 
 
 class Judge:
-    """Scores captions with a scorer (prefixcap.score_rows.Scorer) and reranks candidates; ``min_score`` None
-    flags nothing."""
+    """Scores captions with a scorer (prefixcap.score_rows.Scorer that also has score_pairs, as TorchScorer and
+    OnnxScorer do) and reranks candidates; ``min_score`` None flags nothing."""
 
     def __init__(self, scorer: Any, *, kind: str | None = None, min_score: float | None = None, rerank: int = 1,
                  rank_by: str = "auto"):  # fmt: skip
@@ -96,29 +96,13 @@ class Judge:
     def score(self, images: list[Image.Image], candidates: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
         """Each image's candidates' scores, {kind: (K_i,)} with "likelihood" too when the scorer gives it; an empty
         caption scores -inf."""
-        state = self.scorer.prepare(images)
         kept = [[i for i, text in enumerate(texts) if text.strip()] for texts in candidates]
-        flat = [candidates[g][i] for g, idx in enumerate(kept) for i in idx]
-        owners = [g for g, idx in enumerate(kept) for _ in idx]
-        values = self._pairs(state, flat, owners) if flat else {}
-        out, at = [], 0
-        for texts, idx in zip(candidates, kept):
-            row = {}
-            for kind, found in values.items():
-                row[kind] = np.full(len(texts), -np.inf)
-                row[kind][idx] = found[at : at + len(idx)]
-            out.append(row or {kind: np.full(len(texts), -np.inf) for kind in (self.kind, "likelihood")})
-            at += len(idx)
-        return out
-
-    def _pairs(self, state: Any, texts: list[str], owners: list[int]) -> dict[str, np.ndarray]:
-        pairs = getattr(self.scorer, "score_pairs", None)
-        if pairs is not None:
-            return pairs(state, texts, owners)
-        # A scorer with only the (images, texts) matrix (no reranking then): each image's own texts, a row at a time.
-        out = {kind: np.zeros(len(texts)) for kind in self.scorer.kinds}
-        for g in sorted(set(owners)):
-            idx = [i for i, o in enumerate(owners) if o == g]
-            for kind, row in self.scorer.score(state, [texts[i] for i in idx], [g]).items():
-                out[kind][idx] = row[0]
+        found = score_groups(self.scorer, self.scorer.prepare(images), [[candidates[g][i] for i in idx]
+                                                                        for g, idx in enumerate(kept)])  # fmt: skip
+        out = []
+        for texts, idx, values in zip(candidates, kept, found):
+            row = {kind: np.full(len(texts), -np.inf) for kind in values or (self.kind, "likelihood")}
+            for kind, value in values.items():
+                row[kind][idx] = value
+            out.append(row)
         return out

@@ -98,6 +98,7 @@ def system_matching(system: Any, mset: MatchingSet) -> dict[str, dict[str, float
     import numpy as np
 
     from prefixcap.score import TorchScorer
+    from prefixcap.scoring import score_groups
 
     scorer, training = TorchScorer(system), system.training
     matrices = {kind: np.full((len(mset.caption_of), len(mset.texts)), np.nan) for kind in scorer.kinds}
@@ -112,20 +113,11 @@ def system_matching(system: Any, mset: MatchingSet) -> dict[str, dict[str, float
                     matrices[kind][start:end, j : j + 2 * MATCH_BATCH] = value
             if mset.negatives is not None:
                 contests = [[captions[i], *mset.negatives[i]] for i in range(start, end)]  # the truth first
-                flat = [text for texts in contests for text in texts]
-                owners = [g for g, texts in enumerate(contests) for _ in texts]
-                scores = {kind: [] for kind in scorer.kinds}
-                for c in range(0, len(flat), 2 * MATCH_BATCH):  # a large vocabulary's logits are the memory here
-                    found = scorer.score_pairs(state, flat[c : c + 2 * MATCH_BATCH], owners[c : c + 2 * MATCH_BATCH])
+                for scores in score_groups(scorer, state, contests, chunk=2 * MATCH_BATCH):
                     for kind in scorer.kinds:
-                        scores[kind].append(found[kind])
-                bounds = np.cumsum([0, *map(len, contests)])
-                for kind in scorer.kinds:
-                    value = np.concatenate(scores[kind])
-                    for a, b in zip(bounds[:-1], bounds[1:]):
-                        if b - a > 1:  # an image without negatives has no contest
-                            true[kind].append(float(value[a]))
-                            negative[kind].append(value[a + 1 : b])
+                        if len(scores[kind]) > 1:  # an image without negatives has no contest
+                            true[kind].append(float(scores[kind][0]))
+                            negative[kind].append(scores[kind][1:])
             start = end
     finally:
         system.train(training)

@@ -33,7 +33,7 @@ from prefixcap.interfaces import Batch
 if TYPE_CHECKING:
     from prefixcap.interfaces import System
 
-from prefixcap.scoring import KINDS, MAX_TEXT_TOKENS  # noqa: F401  (KINDS: re-exported for callers)
+from prefixcap.scoring import KINDS, MAX_TEXT_TOKENS, score_groups  # noqa: F401  (KINDS: re-exported for callers)
 
 
 @dataclass
@@ -174,14 +174,9 @@ def score_candidates(system: System, images: Sequence[Any], candidates: Sequence
     scorer = TorchScorer(system, max_tokens)
     training = system.training
     try:
-        state = scorer.prepare(images)
-        flat = [text for texts in candidates for text in texts]
-        owners = [g for g, texts in enumerate(candidates) for _ in texts]
-        scores = scorer.score_pairs(state, flat, owners) if flat else {}
+        return score_groups(scorer, scorer.prepare(images), candidates)
     finally:
         system.train(training)
-    bounds = np.cumsum([0, *map(len, candidates)])
-    return [{kind: value[a:b] for kind, value in scores.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 CALIBRATION_QUANTILE = 0.05

@@ -4,7 +4,10 @@ scored, and the calibration of `--min-score`, which a saved system and an ONNX e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -52,3 +55,17 @@ def parse_calibration(value: Any, where: str, error: type[Exception]) -> dict[st
 def preferred_kind(kinds: tuple[str, ...]) -> Literal["generative", "contrastive"]:
     """The score reranking and --min-score use by default: contrastive when the system learnt one."""
     return "contrastive" if "contrastive" in kinds else "generative"
+
+
+def score_groups(scorer: Any, state: Any, groups: Sequence[Sequence[str]], chunk: int | None = None
+                 ) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """Each image's own texts scored against it alone (reranking, calibration, hard negatives): ``groups[g]`` are
+    image ``g`` of ``state``'s texts; one {kind: (K_g,)} per image, with every kind ``scorer.score_pairs`` gives.
+    ``chunk``: texts per call, for a vocabulary whose logits are the memory (default: all in one call)."""
+    flat = [text for texts in groups for text in texts]
+    owners = [g for g, texts in enumerate(groups) for _ in texts]
+    step = chunk or max(len(flat), 1)
+    parts = [scorer.score_pairs(state, flat[c : c + step], owners[c : c + step]) for c in range(0, len(flat), step)]
+    scores = {kind: np.concatenate([part[kind] for part in parts]) for kind in (parts[0] if parts else {})}
+    bounds = np.cumsum([0, *map(len, groups)])
+    return [{kind: value[a:b] for kind, value in scores.items()} for a, b in zip(bounds[:-1], bounds[1:])]
