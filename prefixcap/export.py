@@ -108,19 +108,14 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
     """Write every graph, the tokenizer and manifest.json into the (empty) directory ``out``; return the manifest."""
     described, written = {}, []
     for name, graph in plan.graphs.items():
-        path = out / f"{name}.onnx"
-        export_graph(graph, path)
-        described[name] = {"file": path.name, **describe(path)}
-        written += with_data(path)
+        described[name] = write_graph(graph, out / f"{name}.onnx", written)
     try:  # checked against the graphs as written, before the slow int8 pass: a plugin's mistake is found early
         plan.runtime.check(described)
     except ValueError as e:
         raise ExportError(f"system {system.recipe.system.name!r}'s ONNX plan does not fit its graphs: {e}") from None
     if int8:
-        for name in plan.graphs:
-            quantized = quantize(out / described[name]["file"])
-            described[name]["int8_file"] = quantized.name
-            written += with_data(quantized)
+        for entry in described.values():
+            write_int8(out, entry, written)
     tokens, tokenizer_files = write_tokenizer(plan, out)
     scoring, scoring_files = write_scoring(system, plan, out, int8=int8)
     written += scoring_files
@@ -167,18 +162,13 @@ def write_scoring(system: Any, plan: OnnxPlan, out: Path, *, int8: bool) -> tupl
     if graphs is not None:
         embedding = {}
         for side, graph in graphs.items():
-            path = out / f"{EMBEDDING_GRAPHS[side]}.onnx"
             with warnings.catch_warnings():
                 # transformers gathers output_hidden_states through a module-level collector, which dynamo reports as
                 # a side effect; the states are traced all the same (tests/test_onnx_score.py compares the scores).
                 warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-                export_graph(graph, path)
-            embedding[side] = {"file": path.name, **describe(path)}
-            written += with_data(path)
+                embedding[side] = write_graph(graph, out / f"{EMBEDDING_GRAPHS[side]}.onnx", written)
             if int8:
-                quantized = quantize(path)
-                embedding[side]["int8_file"] = quantized.name
-                written += with_data(quantized)
+                write_int8(out, embedding[side], written)
     scoring = {"max_tokens": layout.max_tokens, "inputs_end_with_eos": layout.inputs_end_with_eos, "blank": "zeros",
                "embedding": embedding, "calibration": getattr(system, "score_calibration", None)}  # fmt: skip
     ScoringSpec.model_validate(scoring)  # what OnnxScorer will accept: a mistake here is prefixcap's, found now
@@ -203,6 +193,20 @@ def layout_problem(system: Any, layout: TextLayout, tokenizer_file: Path) -> str
             return (f"the system's tokenize lays {text[:40]!r} out otherwise than [prompt] text EOS from "
                     "tokenizer.json")  # fmt: skip
     return None
+
+
+def write_graph(graph: Graph, path: Path, written: list[Path]) -> dict[str, Any]:
+    """Export ``graph`` to ``path``; its manifest entry (file, inputs, outputs). Adds its files to ``written``."""
+    export_graph(graph, path)
+    written += with_data(path)
+    return {"file": path.name, **describe(path)}
+
+
+def write_int8(out: Path, entry: dict[str, Any], written: list[Path]) -> None:
+    """Quantise the graph of manifest ``entry`` (in ``out``) and name its int8 file there; adds its files."""
+    quantized = quantize(out / entry["file"])
+    entry["int8_file"] = quantized.name
+    written += with_data(quantized)
 
 
 def publish(staging: Path, out: Path) -> None:
