@@ -352,24 +352,23 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
     budget = f"{p['steps']} steps" if p["steps"] else f"{p['seconds']:g} s"
     title = (f"bench on {env['device']['name']}: data {p['data']['name']}, seed {p['seed']}, batch {p['batch_size']}, "
              f"{budget}, N={p['gen_batch']}")  # fmt: skip
+    # labels and metric names come from recipes and plugins: every cell is shown escaped
+    out.print(_figures_table(title, [e["label"] for e in result["entries"]], rows(result)))
+    if "images" in (matching := result.get("matching") or {}):
+        title = f"matching on {matching['images']} held-out images (docs/scoring.md)"
+        out.print(_figures_table(title, *matching_table(matching)))
+    out.print(_shown(f"wrote {', '.join(result['files'].values())}"), highlight=False)
+
+
+def _figures_table(title: str, columns: list[str], body: list[list[str]]) -> Table:
+    """A row label, then one right-aligned column of figures per entry."""
     table = Table(title=_shown(title), title_justify="left")
     table.add_column("")
-    for e in result["entries"]:
-        table.add_column(_shown(e["label"]), justify="right", overflow="fold")
-    for row in rows(result):  # labels and metric names come from recipes and plugins
+    for column in columns:
+        table.add_column(_shown(column), justify="right", overflow="fold")
+    for row in body:
         table.add_row(*map(_shown, row))
-    out.print(table)
-    if "images" in (matching := result.get("matching") or {}):
-        headers, body = matching_table(matching)
-        table = Table(title=_shown(f"matching on {matching['images']} held-out images (docs/scoring.md)"),
-                      title_justify="left")  # fmt: skip
-        table.add_column("")
-        for header in headers:
-            table.add_column(_shown(header), justify="right", overflow="fold")
-        for row in body:
-            table.add_row(*map(_shown, row))
-        out.print(table)
-    out.print(_shown(f"wrote {', '.join(result['files'].values())}"), highlight=False)
+    return table
 
 
 @cli.command()
