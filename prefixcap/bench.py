@@ -225,7 +225,7 @@ def _check_resolution(entries: list[Entry]) -> None:
     """One image resolution for all: a system that sees more pixels would win or lose for that reason alone."""
     from prefixcap.compose import compose
 
-    sizes = {e.label: compose(e.recipe, pretrained=False).encoder.image_processor.size for e in entries}
+    sizes = {e.label: compose(e.recipe, pretrained=False).encoder.preprocessing.size for e in entries}
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{k} {v} px" for k, v in sizes.items())
         raise BenchError(f"the entries see images at different resolutions ({shown}); a fair comparison needs "

@@ -382,6 +382,9 @@ def _figures_table(title: str, columns: list[str], body: list[list[str]]) -> Tab
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="Write the rows to FILE, not stdout: whole, once all are written (never one of the images).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
+@click.option("--resize", type=click.Choice(["squash", "crop", "letterbox"]),
+              help="Resize images so (letterbox: whole, padded to a square; docs/data.md) instead of as the system "
+                   "was trained (default).")  # fmt: skip
 @click.option("--beams", type=click.IntRange(min=1), metavar="K", help="Beam search with K beams.")
 @click.option("--sample", is_flag=True, help="Sample captions instead of searching for the likeliest.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), metavar="P", help="With --sample: nucleus P.")
@@ -405,7 +408,7 @@ def _figures_table(title: str, columns: list[str], body: list[list[str]]) -> Tab
                    "is also the score --min-score compares (otherwise contrastive when the system learnt one).")
 @_errors_to_exit_2
 def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, out_file: str | None, batch_size: int,
-            beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
+            resize: str | None, beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
             max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None,
             rerank: int | None, min_score: str | None, rank_by: str | None):
     """Write alt text for images with a trained system.
@@ -443,11 +446,14 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
             from prefixcap.onnx_captioner import OnnxCaptioner
         except ImportError as e:
             raise CaptionError(f"--onnx: cannot load the ONNX captioner: {summary(e)}") from e
-        captioner, recipe = OnnxCaptioner(onnx_dir, int8=int8), None
+        captioner, recipe = OnnxCaptioner(onnx_dir, int8=int8, resize=resize), None
         generate = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     else:
         captioner = load_captioner(args[0])
         recipe = captioner.recipe
+        if resize is not None:  # on the system, so that --rerank and --min-score score the pixels it captions
+            processor = captioner.encoder.preprocessing
+            captioner.encoder.set_preprocessing(resize, processor.fill if resize == "letterbox" else None)
     scorer = load_clip_scorer(recipe, clip_model) if score or clip_model else None
     judge = _judge(captioner, onnx_dir, rerank, min_score, rank_by)
 

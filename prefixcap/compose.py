@@ -153,6 +153,7 @@ def compose(
                           losses=[], pretrained=pretrained)  # fmt: skip
             built.losses = nn.ModuleList(losses(getattr(built.decoder, "hidden_size", None)))
         built.check_embedding_loss()  # refused now, not at the first training step
+        _apply_image_section(built, recipe_)
     if weights == "random":
         # Random weights cannot be fetched again, so saving keeps them whole (as for `checkpoint: tiny`).
         given_ids = {id(m) for m in [*objects.values(), *(loss_objects or [])]}
@@ -169,6 +170,23 @@ def compose(
 def _named(location: str) -> str:
     """``location: `` to start a message with; nothing for a recipe given as a dict, which has no file or line."""
     return "" if location == "<dict>" else f"{location}: "
+
+
+def _apply_image_section(system: Any, recipe: Recipe) -> None:
+    """The recipe's ``image`` section (resize mode, letterbox fill) onto the system's encoder, whoever wrote either:
+    it goes through the Encoder base class (Encoder.set_preprocessing), so no encoder needs to know of it. Set every
+    time, the defaults too: an encoder given to compose() as an object gets what this recipe says, nothing older."""
+    image = recipe.image
+    encoder = getattr(system, "encoder", None)
+    if not hasattr(encoder, "set_preprocessing"):
+        if image.resize is not None:
+            raise CompositionError(f"{_named(recipe.location(('image',)))}image: the {recipe.system.name} system has "
+                                   "no encoder (System.encoder) whose resizing it could set")  # fmt: skip
+        return
+    try:
+        encoder.set_preprocessing(image.resize, image.fill)
+    except ValueError as e:
+        raise CompositionError(f"{_named(recipe.location(('image',)))}image: {e}") from e
 
 
 def _check_dims(encoder: Any, connector: Any, decoder: Any) -> None:

@@ -1,11 +1,11 @@
-"""The recipe's plain sections (train, eval, generate, output): importable by components (a system's generate
+"""The recipe's plain sections (train, image, eval, generate, output): importable by components (a system's generate
 takes a GenerateConfig) without importing the recipe machinery, the registry or YAML."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Section(BaseModel):
@@ -42,6 +42,28 @@ class TrainConfig(Section):
     num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         "auto", description="DataLoader processes decoding images (0: in the training process); auto: all cores "
         "but one, at most 8, while images are decoded, none while cached features are read")  # fmt: skip
+
+
+Unit = Annotated[float, Field(ge=0, le=1, strict=True)]  # a number, never a string such as "0.5" or "true"
+
+
+class ImageConfig(Section):
+    """How every image is resized for the encoder (prefixcap.images.ImageProcessor), for any encoder and system:
+    ``resize`` squash (straight to size x size), crop (shortest edge to size, then the centre), letterbox (longest edge
+    to size, aspect kept, padded with ``fill``) or null (the encoder's own: what its checkpoint was trained with)."""
+
+    resize: Literal["squash", "crop", "letterbox"] | None = None
+    fill: tuple[Unit, Unit, Unit] | None = Field(None, description="letterbox's padding colour, [r, g, b] in [0, 1]; "
+                                                 "null: the encoder's mean, which normalises to 0")  # fmt: skip
+
+    @field_validator("fill", mode="before")
+    @classmethod
+    def _fill_needs_letterbox(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("resize") != "letterbox":
+            raise ValueError("fill is letterbox's padding colour: set resize: letterbox with it, or remove fill")
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3):
+            raise ValueError("fill is a list of three numbers in [0, 1] (red, green, blue), e.g. [0.5, 0.5, 0.5]")
+        return value
 
 
 class EvalConfig(Section):

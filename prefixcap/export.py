@@ -122,7 +122,7 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
     # The model card of the system exported, from its manifest and its run's metrics.json (when it is a run's final/)
     card = write_card(out, system_card(source, read_manifest(source), run_metrics(source), name=card_name(source),
                                        export={"graphs": described}))  # fmt: skip
-    processor = system.encoder.image_processor
+    processor = system.encoder.preprocessing  # the recipe's resize mode (image section), not only the family's
     manifest = {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -135,6 +135,7 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
         "tokens": tokens,
         "image": {"size": processor.size, "mean": list(processor.mean), "std": list(processor.std),
                   "resize": processor.resize, "crop_pct": processor.crop_pct, "rescale": "uint8 / 255",
+                  "fill": list(processor.padding) if processor.resize == "letterbox" else None,  # the resolved colour
                   "resample": RESAMPLE, "layout": "NCHW float32"},  # fmt: skip
         "generate": system.generate_config.model_dump(),
         "scoring": scoring,

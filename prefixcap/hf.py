@@ -287,7 +287,7 @@ class AltTextPipeline(Pipeline):
             raise TypeError(f"the {TASK} pipeline captions with prefixcap systems, not a {type(model).__name__}")
         # With batch_size > 1 the pipeline collates by its tokenizer and image processor: a copy of the system's
         # tokenizer (as in PrefixcapProcessor) and the encoder's preprocessing, whose images all have one size.
-        kwargs.setdefault("image_processor", model.system.encoder.image_processor)
+        kwargs.setdefault("image_processor", model.system.encoder.preprocessing)
         super().__init__(model, tokenizer=tokenizer or copy.deepcopy(model.tokenizer), **kwargs)
 
     def _sanitize_parameters(self, max_new_tokens: int | None = None, generate_kwargs: dict | None = None,

@@ -5,7 +5,8 @@ ImageError saying why not. Training and captioning read every image here, with t
 
 Preprocessing (``to_rgb_tensor``, ``ImageProcessor``): any image in, normalised (B, 3, S, S) float tensor out. Each
 encoder builds an ImageProcessor from its own checkpoint's config (size, mean, std, resize mode), so the same numbers
-can be written to an export manifest and replayed outside Python.
+can be written to an export manifest and replayed outside Python; a recipe's ``image`` section may pick another resize
+mode (squash, crop, letterbox) for any encoder (Encoder.preprocessing).
 
 Importing this module does not import torch (only preprocessing does, when first called): `prefixcap caption --onnx`
 and the ONNX captioner read their images here and must not pull torch in.
@@ -198,16 +199,92 @@ def _kept_window(length: int, resized: int, keep: int) -> tuple[int, int, int]:
     return start, stop, round(first - start * scale)
 
 
+RESIZE_MODES = ("squash", "crop", "letterbox")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How ``ImageProcessor.one`` makes an image of ``h`` x ``w`` pixels into its input: resized whole to ``nh`` x
+    ``nw`` (or, for a very long crop, only the source ``window`` rows top:bottom, columns left:right, at the whole
+    image's scale), then the ``size`` x ``size`` input taken from it at ``(top, left)`` (crop, squash) or the resized
+    image pasted into the input at ``(top, left)`` (letterbox)."""
+
+    nh: int
+    nw: int
+    top: int
+    left: int
+    window: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) of the source; None: the whole image
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    # "squash": resize straight to size x size (SigLIP); "crop": shortest edge to size, then centre crop (CLIP, ViT)
-    resize: Literal["squash", "crop"] = "squash"
+    # "squash": resize straight to size x size (SigLIP); "crop": shortest edge to size, then centre crop (CLIP, ViT);
+    # "letterbox": longest edge to size, aspect kept and nothing cropped, the rest of the square filled with ``fill``
+    # (LLaVA's expand2square); the image is centred, and where the padding cannot split evenly the odd pixel goes to
+    # the bottom (right).
+    resize: Literal["squash", "crop", "letterbox"] = "squash"
     # timm's eval transform resizes to size / crop_pct, then keeps the central size x size: ViTs were trained to
-    # see objects that large (0.9 cuts a 5% border off each side; 1.0 cuts no border).
+    # see objects that large (0.9 cuts a 5% border off each side; 1.0 cuts no border). Letterbox ignores it: it cuts
+    # nothing off.
     crop_pct: float = 1.0
+    # Letterbox's padding, RGB in [0, 1]; None: ``mean``, so that the padding is exactly 0 once normalised. The padding
+    # pixels are this colour exactly (never resampled). The other modes pad nothing and ignore it.
+    fill: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+        if self.fill is not None:
+            fill = tuple(self.fill)
+            if len(fill) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                                         for v in fill):  # fmt: skip
+                raise ValueError(f"fill is three numbers in [0, 1] (red, green, blue), not {self.fill!r}")
+            object.__setattr__(self, "fill", tuple(float(v) for v in fill))  # a list given: the same repr as a tuple
+
+    @property
+    def padding(self) -> tuple[float, float, float]:
+        """Letterbox's padding colour, RGB in [0, 1]: ``fill``, or ``mean`` when it is None."""
+        return self.fill if self.fill is not None else tuple(float(v) for v in self.mean)
+
+    def _plan(self, h: int, w: int) -> _Plan:
+        if self.resize == "letterbox":
+            scale = self.size / max(h, w)
+            nh, nw = max(1, min(self.size, round(h * scale))), max(1, min(self.size, round(w * scale)))
+            return _Plan(nh, nw, (self.size - nh) // 2, (self.size - nw) // 2)  # floor: the odd pixel below, right
+        scaled = math.floor(self.size / self.crop_pct)  # the edge before the centre crop (timm rounds down)
+        if self.resize == "squash":
+            nh = nw = scaled
+        else:
+            scale = scaled / min(h, w)
+            nh, nw = max(scaled, round(h * scale)), max(scaled, round(w * scale))
+        if nh * nw > _MAX_RESIZED * scaled * scaled:
+            # A 10000x10 image would be made 224x224000 only to keep its middle 224x224: resize that middle alone, at
+            # the whole image's scale (given, not recomputed from the window's size, which would shift its pixels).
+            top, bottom, crop_top = _kept_window(h, nh, self.size)
+            left, right, crop_left = _kept_window(w, nw, self.size)
+            return _Plan(nh, nw, crop_top, crop_left, (top, bottom, left, right))
+        return _Plan(nh, nw, (nh - self.size) // 2, (nw - self.size) // 2)
+
+    def placement(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where an image of ``width`` x ``height`` pixels lands in the input's pixel frame [0, size] x [0, size]:
+        (x0, y0, x1, y1), so that the point (x, y) of the original (pixel edges, 0..width, 0..height) lands at
+        ``(x0 + x * (x1 - x0) / width, y0 + y * (y1 - y0) / height)``. Squash (crop_pct 1): the whole frame; crop: a
+        rectangle reaching past the frame where it was cut (x0 < 0, ...); letterbox: inside the frame, the padding
+        around it. Exactly what ``one`` does, the long crops it resizes in part included."""
+        plan = self._plan(height, width)
+        if plan.window is None:
+            if self.resize == "letterbox":
+                return float(plan.left), float(plan.top), float(plan.left + plan.nw), float(plan.top + plan.nh)
+            return float(-plan.left), float(-plan.top), float(plan.nw - plan.left), float(plan.nh - plan.top)
+        # The window [top:bottom, left:right] is resized at the whole image's scale, so its first source edge lands
+        # at 0 and the original's edge 0 at -start * scale before the crop.
+        top, _, left, _ = plan.window
+        sy, sx = plan.nh / height, plan.nw / width
+        x0, y0 = -left * sx - plan.left, -top * sy - plan.top
+        return x0, y0, x0 + width * sx, y0 + height * sy
 
     def __call__(self, images: Sequence[Any]) -> torch.Tensor:
         import torch
@@ -224,23 +301,19 @@ class ImageProcessor:
 
         x = to_rgb_tensor(image)[None]  # (1, 3, H, W)
         h, w = x.shape[-2:]
-        scaled = math.floor(self.size / self.crop_pct)  # the edge before the centre crop (timm rounds down)
-        if self.resize == "squash":
-            nh = nw = scaled
-        else:
-            scale = scaled / min(h, w)
-            nh, nw = max(scaled, round(h * scale)), max(scaled, round(w * scale))
-        if nh * nw > _MAX_RESIZED * scaled * scaled:
-            # A 10000x10 image would be made 224x224000 only to keep its middle 224x224: resize that middle alone, at
-            # the whole image's scale (given, not recomputed from the window's size, which would shift its pixels).
-            top, bottom, crop_top = _kept_window(h, nh, self.size)
-            left, right, crop_left = _kept_window(w, nw, self.size)
+        plan = self._plan(h, w)
+        nh, nw = plan.nh, plan.nw
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        if plan.window is not None:
+            top, bottom, left, right = plan.window
             x = F.interpolate(x[..., top:bottom, left:right], scale_factor=(nh / h, nw / w), mode="bicubic",
                               antialias=True, align_corners=False, recompute_scale_factor=False)  # fmt: skip
         else:  # resized whole, as the ONNX and browser captioners resize it, so their pixels match these
-            crop_top, crop_left = (nh - self.size) // 2, (nw - self.size) // 2
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        x = x[..., crop_top : crop_top + self.size, crop_left : crop_left + self.size]  # (1, 3, size, size)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        if self.resize == "letterbox":  # never larger than size x size: nothing to guard against
+            canvas = torch.tensor(self.padding, dtype=x.dtype).view(1, 3, 1, 1).repeat(1, 1, self.size, self.size)
+            canvas[..., plan.top : plan.top + nh, plan.left : plan.left + nw] = x.clamp(0, 1)
+            return ((canvas - mean) / std)[0]
+        x = x[..., plan.top : plan.top + self.size, plan.left : plan.left + self.size]  # (1, 3, size, size)
         return ((x.clamp(0, 1) - mean) / std)[0]

@@ -10,6 +10,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -147,8 +148,38 @@ class Encoder(Component, ABC):
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, N, D)"""
 
-    def preprocess(self, images: Sequence[Any]) -> Tensor:
-        return self.image_processor(images)
+    # The recipe's image section (resize mode, fill), set by compose through set_preprocessing; None: the family's own.
+    _preprocessing_choice: tuple[str | None, tuple[float, float, float] | None] = (None, None)
+
+    def set_preprocessing(self, resize: str | None = None, fill: Sequence[float] | None = None) -> None:
+        """Resize this encoder's images as ``resize`` says (squash, crop, letterbox; None: ``image_processor``'s own
+        mode), letterbox's padding ``fill`` (RGB in [0, 1]; None: the encoder's mean): the recipe's ``image`` section,
+        which compose applies to every encoder, third-party ones included. ``preprocessing`` is then the result."""
+        if fill is not None and resize != "letterbox":
+            raise ValueError(f"fill is letterbox's padding colour: it needs resize letterbox, not {resize!r}")
+        choice = (resize, tuple(fill) if fill is not None else None)
+        if resize is not None:
+            dataclasses.replace(self.image_processor, resize=resize)  # an unknown mode: a ValueError now, not later
+        self.__dict__["_preprocessing_choice"] = choice
+
+    @property
+    def preprocessing(self) -> ImageProcessor:
+        """How this system preprocesses its images: ``image_processor`` (the family's own, what its checkpoint does)
+        with the recipe's ``image`` section applied (set_preprocessing). Everything that makes, caches, exports or
+        times this system's pixels reads this, not ``image_processor``."""
+        processor = self.image_processor
+        resize, fill = self._preprocessing_choice
+        if resize is None:
+            return processor
+        return dataclasses.replace(processor, resize=resize, **({"fill": fill} if fill is not None else {}))
+
+    def preprocess(self, images: Sequence[Any], resize: str | None = None) -> Tensor:
+        """Images -> (B, 3, S, S) by ``preprocessing``; ``resize`` (squash, crop, letterbox) overrides its mode for
+        this call."""
+        processor = self.preprocessing
+        if resize is not None:
+            processor = dataclasses.replace(processor, resize=resize)
+        return processor(images)
 
     def freeze(self, blocks: Sequence[nn.Module], final_norm: nn.Module, unfreeze_last: int = 0) -> None:
         """Freeze everything but the last ``unfreeze_last`` blocks (and then the final norm every token passes
@@ -360,16 +391,19 @@ class System(nn.Module, ABC):
                      labels=labels, captions=list(captions))  # fmt: skip
 
     def caption(self, images: Sequence[Any], **generate: Any) -> list[str]:
-        """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options."""
+        """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options, and
+        ``resize`` (squash, crop, letterbox) the encoder's resize mode for this call."""
         from prefixcap.config import GenerateConfig
 
+        resize = generate.pop("resize", None)
         config = GenerateConfig.model_validate({**self.generate_config.model_dump(), **generate})
         device = next(self.parameters()).device
         training = self.training
         self.eval()  # no dropout: the same image gets the same caption, even in the middle of training
         try:
             with torch.inference_mode():
-                return self.generate(self.encoder.preprocess(images).to(device), config)
+                pixels = self.encoder.preprocess(images) if resize is None else self.encoder.preprocess(images, resize)
+                return self.generate(pixels.to(device), config)
         finally:
             self.train(training)
 

@@ -17,10 +17,11 @@ inside the directory, and a graph or tokenizer the runtime cannot load is an Exp
 library's traceback.
 
 Pixels are made as prefixcap.images.ImageProcessor makes them, from the manifest's numbers: RGB / 255, resized,
-clamped to [0, 1], centre-cropped, normalised. ImageProcessor resizes with torch (bicubic, antialiased, on floats);
-here PIL's float-mode BICUBIC does it, which agrees to ~2e-5 in [0, 1] but not bit for bit, so a caption of an image
-that needs resizing can differ from PyTorch's where two tokens are nearly tied. An image already at the model's
-input size is not resampled by either, and its pixels are identical.
+clamped to [0, 1], centre-cropped (squash, crop) or centred on the fill colour (letterbox), normalised; ``resize``
+(OnnxCaptioner's, or caption's for one call) picks another mode than the manifest's. ImageProcessor resizes with
+torch (bicubic, antialiased, on floats); here PIL's float-mode BICUBIC does it, which agrees to ~2e-5 in [0, 1] but
+not bit for bit, so a caption of an image that needs resizing can differ from PyTorch's where two tokens are nearly
+tied. An image already at the model's input size is not resampled by either, and its pixels are identical.
 
 Decoding is greedy (the recipes' default): with the KV cache, until every caption has ended with EOS or
 ``max_new_tokens`` (default: the recipe's) tokens were written; text is decoded as transformers decodes it (special
@@ -32,12 +33,12 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from pydantic import BaseModel, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
 from tokenizers import Tokenizer
 
 from prefixcap import checkpoints
@@ -88,12 +89,19 @@ class TokensSpec(BaseModel):
     decode: DecodeSpec
 
 
+RESIZE_MODES = ("squash", "crop", "letterbox")  # prefixcap.images.RESIZE_MODES, without importing torch's side
+
+
 class ImageSpec(BaseModel):
     size: PositiveInt
     mean: tuple[float, float, float]
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
-    resize: Literal["squash", "crop"]
+    resize: Literal["squash", "crop", "letterbox"]
     crop_pct: PositiveFloat
+    # letterbox's padding, RGB in [0, 1], as the export resolved it (the encoder's mean unless the recipe chose one);
+    # null for the other modes, and absent from manifests written before letterbox (they never letterbox)
+    fill: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)],
+                Annotated[float, Field(ge=0, le=1)]] | None = None  # fmt: skip
 
 
 class GenerateSpec(BaseModel):
@@ -175,10 +183,19 @@ def open_session(path: Path, graph: dict[str, Any], options: ort.SessionOptions)
     return session
 
 
+def check_resize(resize: str | None) -> str | None:
+    if resize is not None and resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+    return resize
+
+
 class OnnxCaptioner:
-    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None):
-        """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core)."""
+    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None,
+                 resize: str | None = None):  # fmt: skip
+        """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core). ``resize``
+        (squash, crop, letterbox): resize images so instead of as the system was trained (the manifest's mode)."""
         self.directory, self.int8 = Path(directory), int8
+        self.resize = check_resize(resize)
         self.manifest, self.runtime = read_manifest(self.directory)
         key = "int8_file" if int8 else "file"
         options = self.session_options = ort.SessionOptions()
@@ -202,11 +219,12 @@ class OnnxCaptioner:
             warnings.warn("the recipe asks for beam search, sampling or a repetition penalty; OnnxCaptioner decodes "
                           "greedily", stacklevel=2)  # fmt: skip
 
-    def caption(self, images: list[Image.Image], max_new_tokens: int | None = None) -> list[str]:
-        """Alt text for RGB PIL images, one caption each."""
+    def caption(self, images: list[Image.Image], max_new_tokens: int | None = None,
+                resize: str | None = None) -> list[str]:  # fmt: skip
+        """Alt text for RGB PIL images, one caption each; ``resize`` overrides the resize mode for this call."""
         if not images:
             return []
-        ids = self.generate(self.pixel_values(images), max_new_tokens)
+        ids = self.generate(self.pixel_values(images, resize), max_new_tokens)
         decode = self.tokens["decode"]
         texts = self.tokenizer.decode_batch(ids, skip_special_tokens=decode["skip_special_tokens"])
         if decode["clean_up_tokenization_spaces"]:
@@ -214,17 +232,22 @@ class OnnxCaptioner:
                 texts = [t.replace(old, new) for t in texts]
         return [t.strip() for t in texts] if decode["strip"] else texts
 
-    def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
-        """(B, 3, S, S) float32, as the manifest's preprocessing (prefixcap.images.ImageProcessor) makes them."""
-        return np.stack([self._pixels(image) for image in images])
+    def pixel_values(self, images: list[Image.Image], resize: str | None = None) -> np.ndarray:
+        """(B, 3, S, S) float32, as the manifest's preprocessing (prefixcap.images.ImageProcessor) makes them;
+        ``resize``: another mode than the manifest's (else the captioner's ``resize``, if given)."""
+        return np.stack([self._pixels(image, resize) for image in images])
 
-    def _pixels(self, image: Image.Image) -> np.ndarray:
+    def _pixels(self, image: Image.Image, resize: str | None = None) -> np.ndarray:
         spec = self.manifest["image"]
         size = spec["size"]
+        mode = check_resize(resize) or getattr(self, "resize", None) or spec["resize"]
         x = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)  # (H, W, 3)
         h, w = x.shape[:2]
         scaled = math.floor(size / spec["crop_pct"])
-        if spec["resize"] == "squash":
+        if mode == "letterbox":  # longest edge to size, crop_pct ignored (nothing is cut)
+            scale = size / max(h, w)
+            nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+        elif mode == "squash":
             nh = nw = scaled
         else:  # "crop": shortest edge to size, then the centre
             scale = scaled / min(h, w)
@@ -233,9 +256,16 @@ class OnnxCaptioner:
             channels = [Image.fromarray(np.ascontiguousarray(x[..., c])).resize((nw, nh), Image.Resampling.BICUBIC)
                         for c in range(3)]  # fmt: skip
             x = np.stack([np.asarray(c) for c in channels], axis=-1)
+        mean, std = np.asarray(spec["mean"], dtype=np.float32), np.asarray(spec["std"], dtype=np.float32)
+        if mode == "letterbox":  # centred on the fill colour, the odd pixel of padding below (right)
+            fill = spec.get("fill") or spec["mean"]  # an export of another mode records none: the mean, as torch's
+            canvas = np.empty((size, size, 3), dtype=np.float32)
+            canvas[...] = np.asarray(fill, dtype=np.float32)
+            top, left = (size - nh) // 2, (size - nw) // 2
+            canvas[top : top + nh, left : left + nw] = np.clip(x, 0, 1)
+            return ((canvas - mean) / std).transpose(2, 0, 1)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = np.clip(x[top : top + size, left : left + size], 0, 1)
-        mean, std = np.asarray(spec["mean"], dtype=np.float32), np.asarray(spec["std"], dtype=np.float32)
         return ((x - mean) / std).transpose(2, 0, 1)
 
     def generate(self, pixel_values: np.ndarray, max_new_tokens: int | None = None) -> list[list[int]]:

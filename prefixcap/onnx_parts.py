@@ -77,7 +77,7 @@ def merge_lora(model: nn.Module) -> tuple[nn.Module, bool]:
 
 def example_pixels(encoder: nn.Module) -> Tensor:
     """(BATCH, 3, S, S) zeros at the encoder's input size."""
-    size = encoder.image_processor.size
+    size = encoder.preprocessing.size
     return torch.zeros(BATCH, 3, size, size)
 
 

@@ -1,8 +1,8 @@
 """Recipes: YAML (or dicts) validated by pydantic, with errors that point at the YAML line.
 
-A recipe has the sections ``system, encoder, connector, decoder, losses, data, train, eval, generate, output``.
-Each component section is ``{name: ..., **options}`` (or just the name); its options are validated by the options
-model the component registered, so a plugin owns its own schema. The plain sections live in prefixcap.config, the
+A recipe has the sections ``system, encoder, connector, decoder, losses, data, image, train, eval, generate,
+output``. Each component section is ``{name: ..., **options}`` (or just the name); its options are validated by the
+options model the component registered, so a plugin owns its own schema. The plain sections live in prefixcap.config, the
 YAML parser and message helpers in prefixcap.yaml_text.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from prefixcap.config import EvalConfig, GenerateConfig, OutputConfig, Section, TrainConfig
+from prefixcap.config import EvalConfig, GenerateConfig, ImageConfig, OutputConfig, Section, TrainConfig
 from prefixcap.errors import PluginError, RecipeError, UnknownComponentError, first_line, summary
 from prefixcap.registry import ComponentOptions, get_component
 from prefixcap.yaml_text import MAX_DEPTH, MAX_YAML_NODES, Loc, TooBig, dotted, one_line, parse_yaml, printable, short
@@ -61,6 +61,7 @@ class Recipe(Section):
     decoder: ComponentSpec | None = None
     losses: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="caption-ce")])
     data: ComponentSpec | None = None
+    image: ImageConfig = ImageConfig()  # how images are resized, for whichever encoder (compose applies it)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     generate: GenerateConfig = GenerateConfig()

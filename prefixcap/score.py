@@ -67,7 +67,7 @@ class TorchScorer:
         self.device = next(system.parameters()).device
         self.embedder = system.embedding_loss()
         self.kinds = KINDS if self.embedder is not None else KINDS[:1]
-        size = system.encoder.image_processor.size
+        size = system.encoder.preprocessing.size
         self._blank = self.prepare_pixels(torch.zeros(1, 3, size, size))
 
     @torch.inference_mode()

@@ -310,7 +310,7 @@ def check_encoder_reads_its_image(encoder: Any, what: str) -> None:
     import torch
     from PIL import Image
 
-    side = encoder.image_processor.size
+    side = encoder.preprocessing.size
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(2)]
     images.append(Image.new("RGB", (side, side), (128, 128, 128)))
@@ -489,8 +489,8 @@ class ComponentConformance:
         import numpy as np
         from PIL import Image
 
-        processor = system.encoder.image_processor
-        side = math.floor(processor.size / processor.crop_pct)
+        processor = system.encoder.preprocessing
+        side = processor.size if processor.resize == "letterbox" else math.floor(processor.size / processor.crop_pct)
         rng = np.random.default_rng(self.seed)
         return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(self.num_images)]
 
@@ -836,7 +836,7 @@ class ComponentConformance:
         encoder, connector, decoder = system.encoder, system.connector, system.decoder
         batch = self.batch(system)
         b, t = batch.input_ids.shape
-        size = encoder.image_processor.size
+        size = encoder.preprocessing.size
         assert batch.pixel_values.shape == (b, 3, size, size)
         with torch.no_grad():
             tokens = encoder(batch.pixel_values)

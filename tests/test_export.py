@@ -154,6 +154,7 @@ def test_manifest_names_every_file_input_output_and_setting(exported):
     image = manifest["image"]
     assert ImageProcessor(image["size"], tuple(image["mean"]), tuple(image["std"]), image["resize"],
                           image["crop_pct"]) == processor  # fmt: skip
+    assert image["fill"] is None  # letterbox's alone (tests/test_letterbox.py)
     assert "not bit for bit" in image["resample"]
     assert manifest["generate"] == system.generate_config.model_dump() and manifest["generate"]["max_new_tokens"] == 20
 
@@ -196,13 +197,14 @@ def test_int8_captions_agree_with_fp32_on_most_images(exported):
     assert len(fp32) == 32 and rate >= INT8_AGREEMENT[system.recipe.system.name]
 
 
-@pytest.mark.parametrize("resize,crop_pct", [("squash", 1.0), ("crop", 1.0), ("crop", 0.9)])
-def test_resized_images_match_the_torch_processor_within_tolerance(exported, resize, crop_pct):
+@pytest.mark.parametrize("resize,crop_pct,fill", [("squash", 1.0, None), ("crop", 1.0, None), ("crop", 0.9, None),
+                                                   ("letterbox", 1.0, None), ("letterbox", 0.9, (0.1, 0.7, 0.9))])
+def test_resized_images_match_the_torch_processor_within_tolerance(exported, resize, crop_pct, fill):
     _, directory, _ = exported
-    processor = ImageProcessor(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), resize=resize, crop_pct=crop_pct)
+    processor = ImageProcessor(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), resize=resize, crop_pct=crop_pct, fill=fill)
     captioner = OnnxCaptioner(directory)
     captioner.manifest["image"].update(resize=resize, crop_pct=crop_pct, mean=list(processor.mean),
-                                       std=list(processor.std))  # fmt: skip
+                                       std=list(processor.std), fill=fill and list(fill))  # fmt: skip
     rng = np.random.default_rng(0)
     sizes = [(40, 30), (20, 20), (64, 48), (33, 100), (300, 200)]  # (height, width): down, up, both, large
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]

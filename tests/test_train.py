@@ -257,7 +257,7 @@ def test_feature_cache_key_hashes_encoders_with_batchnorm_counters():
     from prefixcap.data.cache import encoder_digest
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    encoder = SimpleNamespace(state_dict=net.state_dict, image_processor="processor")
+    encoder = SimpleNamespace(state_dict=net.state_dict, preprocessing="processor")
     key = encoder_digest(encoder)
     net[1].num_batches_tracked += 1
     assert encoder_digest(encoder) != key

@@ -232,33 +232,42 @@ def run_caption_js(code: str, payload) -> object:
 
 PIXELS_JS = """
 const ort = { Tensor: class { constructor(type, data, dims) { Object.assign(this, { type, data, dims }); } } };
-output = input.map(({ spec, rgba, width, height }) => {
-  const captioner = Object.assign(Object.create(js.Captioner.prototype), { ort, manifest: { image: spec } });
+output = input.map(({ spec, resize, rgba, width, height }) => {
+  const captioner = Object.assign(Object.create(js.Captioner.prototype), { ort, manifest: { image: spec }, resize });
   return Array.from(captioner.pixelValues({ rgba: Uint8Array.from(rgba), width, height }).data);
 });
 """
 
 
 def test_preprocessing_matches_python_bit_for_bit():
-    """Captioner.pixelValues against OnnxCaptioner._pixels: squash and crop, crop_pct, up- and downscaling, odd
-    sizes and aspect ratios (either pass order of PIL's resampler), on random pixels."""
+    """Captioner.pixelValues against OnnxCaptioner._pixels: squash, crop and letterbox (its fill, or the mean), crop_pct,
+    up- and downscaling, odd sizes and aspect ratios (either pass order of PIL's resampler), on random pixels; and
+    another mode than the manifest's (the page's menu, Captioner.resize), as OnnxCaptioner's resize override."""
     rng = np.random.default_rng(0)
-    specs = [{"size": 64, "resize": "squash", "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3},
-             {"size": 32, "resize": "crop", "crop_pct": 0.9, "mean": [0.48145466, 0.4578275, 0.40821073],
-              "std": [0.26862954, 0.26130258, 0.27577711]},
-             {"size": 24, "resize": "crop", "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
-              "std": [0.229, 0.224, 0.225]}]  # fmt: skip
+    clip = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    specs = [({"size": 64, "resize": "squash", "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}, None),
+             ({"size": 32, "resize": "crop", "crop_pct": 0.9, **clip}, None),
+             ({"size": 24, "resize": "crop", "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
+               "std": [0.229, 0.224, 0.225]}, None),
+             ({"size": 32, "resize": "letterbox", "crop_pct": 0.9, "fill": [0.1, 0.7, 0.9], **clip}, None),
+             ({"size": 24, "resize": "letterbox", "crop_pct": 1.0, "fill": None, "mean": [0.5] * 3, "std": [0.5] * 3},
+              None),
+             ({"size": 32, "resize": "squash", "crop_pct": 1.0, **clip}, "letterbox"),  # an old manifest: no fill
+             ({"size": 32, "resize": "letterbox", "crop_pct": 0.9, "fill": [0.1, 0.7, 0.9], **clip}, "crop")]  # fmt: skip
     sizes = [(64, 64), (96, 80), (80, 96), (37, 50), (130, 41), (41, 130), (17, 23), (200, 199), (33, 100)]
-    cases = [(spec, rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for spec in specs for w, h in sizes]
-    payload = [{"spec": spec, "rgba": np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]).ravel().tolist(),
-                "width": rgb.shape[1], "height": rgb.shape[0]} for spec, rgb in cases]  # fmt: skip
+    cases = [(spec, resize, rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for spec, resize in specs
+             for w, h in sizes]  # fmt: skip
+    payload = [{"spec": spec, "resize": resize, "width": rgb.shape[1], "height": rgb.shape[0],
+                "rgba": np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]).ravel().tolist()}
+               for spec, resize, rgb in cases]  # fmt: skip
     pages = run_caption_js(PIXELS_JS, payload)
     python = OnnxCaptioner.__new__(OnnxCaptioner)  # _pixels reads nothing but the manifest's image section
-    for (spec, rgb), page in zip(cases, pages):
+    for (spec, resize, rgb), page in zip(cases, pages):
         python.manifest = {"image": spec}
-        want = python._pixels(Image.fromarray(rgb))
+        want = python._pixels(Image.fromarray(rgb), resize)
         got = np.asarray(page, dtype=np.float32).reshape(want.shape)
-        assert np.array_equal(got, want), (spec["resize"], spec["size"], rgb.shape, float(np.abs(got - want).max()))
+        where = (spec["resize"], resize, spec["size"], rgb.shape)
+        assert np.array_equal(got, want), (*where, float(np.abs(got - want).max()))
 
 
 # --- refusals (fast: no model) ---------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def encoder_digest(encoder: Encoder) -> str:
         h.update(name.encode())
         # reshape: a 0-dim tensor (BatchNorm's num_batches_tracked) has no last dimension to view as bytes
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(encoder.image_processor).encode())
+    h.update(repr(encoder.preprocessing).encode())  # the recipe's resize mode too: letterbox is not squash
     return h.hexdigest()
 
 

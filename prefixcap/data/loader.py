@@ -251,7 +251,7 @@ class Preprocess:
 
     def __init__(self, encoder: Any):
         own = type(encoder).preprocess is not Encoder.preprocess if isinstance(encoder, Encoder) else False
-        self.encoder, self.processor = (encoder if own else None), encoder.image_processor
+        self.encoder, self.processor = (encoder if own else None), encoder.preprocessing
 
     def one(self, image: Tensor) -> Tensor:
         return self.encoder.preprocess([image])[0] if self.encoder is not None else self.processor.one(image)

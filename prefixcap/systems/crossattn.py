@@ -190,7 +190,12 @@ class CrossAttnDecoder(Component):
             return super().save_trained(directory)
         pair, encoder = self.paired
         files = save_transformers(pair, module_state(pair, everything=True), directory)
-        encoder.transformers_processor().save_pretrained(directory)
+        # The folder's image processor is the family's (ViT's squash, CLIP's crop). When the recipe's image section
+        # resizes otherwise (letterbox, which no transformers image processor does, or the other family's mode), it
+        # writes none: AutoImageProcessor then says the folder has no preprocessor_config.json, rather than loading
+        # one that resizes differently from what the model was trained on.
+        if encoder.preprocessing == encoder.image_processor:
+            encoder.transformers_processor().save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return sorted({*files, *(p.name for p in directory.iterdir() if p.is_file())})
 

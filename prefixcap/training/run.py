@@ -135,7 +135,7 @@ def _refuse_changed_parts(system: Any, recipe: Any) -> None:
     """An override of a part's section would be recorded in the run's recipe but not applied to the system given."""
     before = system.recipe.to_dict(resolved=True)
     after = recipe.to_dict(resolved=True)
-    changed = [key for key in (*SLOTS, "losses") if key != "data" and before.get(key) != after.get(key)]
+    changed = [key for key in (*SLOTS, "losses", "image") if key != "data" and before.get(key) != after.get(key)]
     if changed:
         raise RunError(f"overrides change the given system's {', '.join(changed)}; compose a new system with them "
                        "(prefixcap.compose(recipe, overrides=...)) and train that")

@@ -178,7 +178,7 @@ class Run:
             batch.pixel_values = batch.pixel_values.masked_fill(batch.blank[:, None, None, None], 0)
             return batch
         if self._blank_features is None:  # the encoder's output for the blank image: what scoring will feed it
-            size = self.system.encoder.image_processor.size
+            size = self.system.encoder.preprocessing.size
             with torch.no_grad():
                 self._blank_features = self.system.encoder(torch.zeros(1, 3, size, size, device=batch.features.device))
         batch.features = torch.where(batch.blank[:, None, None], self._blank_features.to(batch.features.dtype),

@@ -25,6 +25,11 @@ async function main() {
     `${manifest.web.runtime.version} (WebAssembly, ${manifest.web.runtime.threads} thread). ` +
     'Images never leave this page.';
   document.body.dataset.state = 'ready';
+  // The resize mode, the manifest's until changed (Captioner.resize): images captioned from then on are resized so.
+  const resize = $('#resize');
+  resize.value = $('#trained').textContent = manifest.image.resize;
+  resize.disabled = false;
+  resize.addEventListener('change', () => { captioner.resize = resize.value; });
   $('#files').disabled = false;
 }
 

@@ -63,21 +63,30 @@ export class Captioner {
   }
 
   // (1, 3, S, S) float32, as OnnxCaptioner._pixels makes them: RGB / 255, resized if not already at the size
-  // (squash, or shortest edge to size / crop_pct then the centre), clamped to [0, 1], normalised.
+  // (squash; shortest edge to size / crop_pct then the centre; or letterbox: longest edge to size, centred on the fill
+  // colour, the odd pixel of padding below and right), clamped to [0, 1], normalised. The mode is this.resize when
+  // set (the page's menu), else the manifest's.
   pixelValues({ rgba, width: w, height: h }) {
     const spec = this.manifest.image;
     const size = spec.size;
+    const mode = this.resize || spec.resize;
     const scaled = Math.floor(size / spec.crop_pct);
     let nh, nw;
-    if (spec.resize === 'squash') {
+    if (mode === 'letterbox') {
+      const scale = size / Math.max(h, w);
+      nh = Math.max(1, Math.min(size, pyRound(h * scale)));
+      nw = Math.max(1, Math.min(size, pyRound(w * scale)));
+    } else if (mode === 'squash') {
       nh = nw = scaled;
     } else {
       const scale = scaled / Math.min(h, w);
       nh = Math.max(scaled, pyRound(h * scale));
       nw = Math.max(scaled, pyRound(w * scale));
     }
-    const top = Math.floor((nh - size) / 2);
-    const left = Math.floor((nw - size) / 2);
+    // letterbox: where the resized image starts in the input (negated); the others: where the input starts in it
+    const top = mode === 'letterbox' ? -Math.floor((size - nh) / 2) : Math.floor((nh - size) / 2);
+    const left = mode === 'letterbox' ? -Math.floor((size - nw) / 2) : Math.floor((nw - size) / 2);
+    const fill = spec.fill || spec.mean; // an export of another mode records no fill: the mean, as Python's
     const out = new Float32Array(3 * size * size);
     for (let c = 0; c < 3; c++) {
       let plane = new Float32Array(w * h);
@@ -85,9 +94,12 @@ export class Captioner {
       if (nh !== h || nw !== w) plane = resizeBicubic(plane, w, h, nw, nh);
       const mean = Math.fround(spec.mean[c]);
       const std = Math.fround(spec.std[c]);
+      const padding = Math.fround(fill[c]);
       for (let y = 0; y < size; y++) {
         for (let x = 0; x < size; x++) {
-          const v = Math.min(Math.max(plane[(top + y) * nw + left + x], 0), 1);
+          const [sy, sx] = [top + y, left + x];
+          const inside = sy >= 0 && sy < nh && sx >= 0 && sx < nw; // always, but for letterbox's padding
+          const v = inside ? Math.min(Math.max(plane[sy * nw + sx], 0), 1) : padding;
           out[(c * size + y) * size + x] = Math.fround(v - mean) / std; // stored as float32, as numpy rounds
         }
       }
