@@ -28,6 +28,7 @@ import yaml
 
 from prefixcap.errors import PluginError, PrefixcapError
 from prefixcap.interfaces import Metric
+from prefixcap.pointing import POINTING_IMAGES
 from prefixcap.recipe import Recipe, find_recipe, load_recipe
 
 # A system name -> (its offline preset on the shapes world, its real-size recipe, used when --data is given).
@@ -86,6 +87,7 @@ class Protocol:
     gen_batch: int  # N of "images/s at batch N" (also the evaluation batch)
     headline: Metric | None = None  # the data's own metric (DatasetSource.headline): first row, default target
     matching_images: int = MATCHING_IMAGES  # held-out images that retrieval and hard negatives are measured on
+    pointing_images: int = POINTING_IMAGES  # held-out images the pointing game plays on (prefixcap.pointing)
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         return {
@@ -121,6 +123,7 @@ class EntryResult:
     why: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
     data: dict[str, Any] = field(default_factory=dict)  # what it trained on: fingerprint, sizes
     matching: dict[str, Any] = field(default_factory=dict)  # measure_matching(); bench() makes them one section
+    pointing: dict[str, Any] = field(default_factory=dict)  # measure_pointing(); bench() makes them one section
 
 
 # --- setting up ---------------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def default_target(headline: Metric | None) -> Target | None:
 def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None = None, seconds: float | None = None,
          seed: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
          target: str | None = None, gen_images: int = 32, matching_images: int = MATCHING_IMAGES,
-         overrides: Sequence[str] = ()) -> tuple[Protocol, list[Entry]]:  # fmt: skip
+         pointing_images: int = POINTING_IMAGES, overrides: Sequence[str] = ()) -> tuple[Protocol, list[Entry]]:  # fmt: skip
     """Resolve the entries and the protocol they share; checked before anything trains."""
     names = [n.strip() for n in compare if n.strip()]
     if not names:
@@ -189,6 +192,8 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
         raise BenchError("give one budget: --steps or --seconds, not both")
     if matching_images < 1:
         raise BenchError(f"matching_images is {matching_images}: matching needs at least one held-out image")
+    if pointing_images < 1:
+        raise BenchError(f"pointing_images is {pointing_images}: the pointing game needs at least one held-out image")
     own = [load_recipe(entry_recipe(n, data is not None)) for n in names]  # errors point at each entry's file
     first = own[0]
     data_section = parse_data(data) if data is not None else first.to_dict().get("data")
@@ -204,6 +209,7 @@ def plan(compare: Sequence[str], *, data: str | None = None, steps: int | None =
         max_caption_tokens=first.train.max_caption_tokens, max_new_tokens=first.generate.max_new_tokens,
         eval_examples=first.eval.max_examples, clip_model=first.eval.clip_model, gen_images=gen_images,
         gen_batch=first.eval.batch_size, headline=headline, matching_images=matching_images,
+        pointing_images=pointing_images,
     )  # fmt: skip
     entries, labels = [], set()
     for name, recipe in zip(names, own):
@@ -362,7 +368,11 @@ def run_entry(entry: Entry, protocol: Protocol, out: Path, report: Callable[[Any
 
     matching = measure_matching(trainer.system, trainer.source, protocol.matching_images,
                                 trainer.scorer if reference else None)  # fmt: skip
-    return EntryResult(entry.label, entry.recipe.source, entry.recipe.system.name, values, why, data, matching)
+    from prefixcap.pointing import measure_pointing
+
+    pointing = measure_pointing(trainer.system, trainer.source, protocol.pointing_images)
+    return EntryResult(entry.label, entry.recipe.source, entry.recipe.system.name, values, why, data, matching,
+                       pointing)  # fmt: skip
 
 
 # --- the comparison -----------------------------------------------------------------------------------------------
@@ -402,7 +412,8 @@ def bench(compare: Sequence[str], *, out: str | Path = "bench", report: Callable
     protocol_dict = {**asdict(protocol), "target": str(protocol.target) if protocol.target else None}
     protocol_dict = json.loads(json.dumps(protocol_dict))  # as bench.json holds it (the headline's bounds a list)
     matching = bench_report.matching([(r["label"], r.pop("matching")) for r in results], protocol.clip_model)
+    pointing = bench_report.pointing([(r["label"], r.pop("pointing")) for r in results])
     result = {"environment": bench_report.environment(device), "protocol": protocol_dict, "entries": results,
-              "ratios": bench_report.ratios(results), "matching": matching}  # fmt: skip
+              "ratios": bench_report.ratios(results), "matching": matching, "pointing": pointing}  # fmt: skip
     result["files"] = {k: str(v) for k, v in bench_report.write(result, out).items()}
     return result

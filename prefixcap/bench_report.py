@@ -150,6 +150,58 @@ def _column(label: str, kind: str, values: dict[str, Any] | None, why: str | Non
     return {"label": label, "score": kind, "reference": reference, "values": values, "why": reasons}
 
 
+# The pointing section's rows (prefixcap.pointing's figures), one column per entry.
+POINTING_ROWS = [("attention", "attention"), ("gradient", "gradient"),
+                 ("attention_without_rollout", "attention, no rollout"),
+                 ("gradient_without_rollout", "gradient, no rollout"), ("chance", "chance (box area)"),
+                 ("centre", "centre of the image")]  # fmt: skip
+
+
+def pointing(entries: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """bench.json's pointing section from each entry's measure_pointing(): one column per entry, each figure or why
+    it has none."""
+    columns = []
+    for label, found in entries:
+        values = {**{m: v for m, v in found.get("accuracy", {}).items()},
+                  **{f"{m}_without_rollout": v for m, v in found.get("accuracy_without_rollout", {}).items()},
+                  "chance": found.get("chance"), "centre": found.get("centre")}  # fmt: skip
+        per_method = found.get("why") if isinstance(found.get("why"), dict) else {}
+        general = found.get("why") if isinstance(found.get("why"), str) else None
+        if general is None and not found.get("words") and per_method:  # no right caption: one reason for every row
+            general = next(iter(per_method.values()))
+        why = {key: general or per_method.get(key.removesuffix("_without_rollout")) or "not measured"
+               for key, _ in POINTING_ROWS if values.get(key) is None}  # fmt: skip
+        facts = {k: found[k] for k in ("split", "images", "correct_captions", "words", "attention_by_layer", "seconds")
+                 if k in found}  # fmt: skip
+        columns.append({"label": label, "values": {k: values.get(k) for k, _ in POINTING_ROWS}, "why": why, **facts})
+    return {"columns": columns}
+
+
+def pointing_table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The pointing figures as (column headers, rows), for bench.md and the CLI."""
+    columns = section["columns"]
+    body = [[label, *(f"{c['values'][key]:.3f}" if c["values"][key] is not None else f"n/a: {c['why'][key]}"
+                      for c in columns)] for key, label in POINTING_ROWS]  # fmt: skip
+    body.append(["words placed (correct captions)", *(f"{c['words']} ({c['correct_captions']})" if "words" in c
+                                                      else "n/a" for c in columns)])  # fmt: skip
+    return [c["label"] for c in columns], body
+
+
+def pointing_markdown(section: dict[str, Any]) -> list[str]:
+    columns = section["columns"]
+    measured = next((c for c in columns if "images" in c), None)
+    if measured is None:
+        return ["", "### Pointing game", "", f"n/a: {columns[0]['why'].get('attention', 'not measured')}"]
+    lines = [
+        "", "### Pointing game", "",
+        f"On the first {measured['images']} held-out ({measured['split']}) images: for each word the data set can "
+        "place in a correct greedy caption (shapes: each shape's noun), whether its map's peak falls inside that "
+        "shape's box (docs/explain.md). Chance is the box's share of the image; centre points at the image's centre.",
+        "",
+    ]  # fmt: skip
+    return lines + _markdown_table(*pointing_table(section))
+
+
 def matching_markdown(section: dict[str, Any]) -> list[str]:
     """bench.md's matching table: rows are the figures, columns entry x score type, the reference CLIP last."""
     columns = section["columns"]
@@ -167,8 +219,12 @@ def matching_markdown(section: dict[str, Any]) -> list[str]:
         "embeddings.",
         "",
     ]  # fmt: skip
-    headers, body = matching_table(section)
-    lines += ["| | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    return lines + _markdown_table(*matching_table(section))
+
+
+def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    """A markdown table: an empty corner, ``headers`` across the top, each row a label then its cells."""
+    lines = ["| | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
 
@@ -196,6 +252,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     if report.get("matching"):
         lines += matching_markdown(report["matching"])
+    if report.get("pointing"):
+        lines += pointing_markdown(report["pointing"])
     return "\n".join(lines) + "\n"
 
 

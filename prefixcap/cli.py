@@ -322,6 +322,8 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
 @click.option("--matching-images", type=click.IntRange(min=1), default=100, show_default=True,
               help="Held-out images retrieval and hard negatives are measured on (each scored against every "
                    "distinct caption among them: the cost grows with the square).")
+@click.option("--pointing-images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Held-out images the pointing game plays on (docs/explain.md).")
 @set_option
 @click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(file_okay=False),
               help="Where the runs, bench.json, bench.md and bench.png go.")
@@ -331,7 +333,7 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
 
     --set overrides apply to every entry (e.g. --set data.train_size=2000)."""
     from prefixcap.bench import bench as run_bench
-    from prefixcap.bench_report import matching_table, rows
+    from prefixcap.bench_report import matching_table, pointing_table, rows
 
     from prefixcap.bench import EntryStarted
     from prefixcap.doctor import WillDownload
@@ -357,6 +359,9 @@ def bench(compare: str, overrides: tuple[str, ...], out_dir: str, **options):
     if "images" in (matching := result.get("matching") or {}):
         title = f"matching on {matching['images']} held-out images (docs/scoring.md)"
         out.print(_figures_table(title, *matching_table(matching)))
+    if any("images" in c for c in (result.get("pointing") or {}).get("columns", [])):
+        out.print(_figures_table("pointing game: share of shape words whose map peaks in the shape (docs/explain.md)",
+                                 *pointing_table(result["pointing"])))  # fmt: skip
     out.print(_shown(f"wrote {', '.join(result['files'].values())}"), highlight=False)
 
 
@@ -562,6 +567,44 @@ def score(args: tuple[str, ...], text_args: tuple[str, ...], texts_file: str | N
         line += f"; {errors} error{'s' * (errors != 1)}"
     err.print(line, markup=False, highlight=False, soft_wrap=True)
     sys.exit(1 if errors else 0)
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="RUN_OR_CHECKPOINT PATH...")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for each image's NAME.explain.png and NAME.explain.json (made if missing).")
+@click.option("--method", type=click.Choice(["attention", "gradient"]), default="attention", show_default=True,
+              help="attention: what the decoder reads while writing each word; gradient: gradient x input on the "
+                   "encoder's tokens, for any system (see docs/explain.md).")
+@click.option("--no-rollout", is_flag=True, help="Leave the encoder's output token i standing for patch i instead of "
+                                                 "mapping it back through the encoder's attention (rollout).")
+@click.option("--resize", type=click.Choice(["squash", "crop", "letterbox"]),
+              help="Preprocess the images this way instead of the system's own resize mode.")
+@click.option("--per-layer", is_flag=True, help="Also write each word's map per layer (heads averaged) to the JSON.")
+@click.option("--per-head", is_flag=True, help="Also write each word's map per layer and head to the JSON.")
+@_errors_to_exit_2
+def explain(args: tuple[str, ...], out_dir: str, method: str, no_rollout: bool, resize: str | None, per_layer: bool,
+            per_head: bool):  # fmt: skip
+    """Where each word of the caption comes from: for every image, its greedy caption and one heatmap per word.
+
+    RUN_OR_CHECKPOINT and PATHs as for `prefixcap caption`. Each image gets NAME.explain.png (the image, then a
+    panel per word) and NAME.explain.json (tokens, words, each word's map over the patch grid and its peak). Exit
+    code 0 when every image was explained, 1 otherwise."""
+    from prefixcap.caption import escape_undecodable, load_captioner
+    from prefixcap.explain_render import explain_paths
+
+    if len(args) < 2:
+        raise click.UsageError("give RUN_OR_CHECKPOINT and at least one PATH")
+    system = load_captioner(args[0])
+    total = failed = 0
+    for row in explain_paths(system, _with_stdin(args[1:]), out_dir, method=method, resize=resize,
+                             rollout=not no_rollout, per_layer=per_layer, per_head=per_head):  # fmt: skip
+        total, failed = total + 1, failed + (row.error is not None)
+        shown = f"{row.path}: error: {row.error}" if row.error else f"{row.path} -> {row.png}: {row.caption}"
+        click.echo(escape_undecodable(shown))  # a file name that is not UTF-8 still prints
+    err.print(f"explained {total - failed} of {total} image{'s' * (total != 1)}" + (f"; {failed} error"
+              f"{'s' * (failed != 1)}" if failed else ""), markup=False, highlight=False)  # fmt: skip
+    sys.exit(1 if failed else 0)
 
 
 @cli.command()

@@ -10,7 +10,9 @@ V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -69,6 +71,50 @@ class SystemOutput:
     text_states: Tensor | None = None  # (B, T', H) the decoder over the text alone, no image (System.text_states);
     # computed only when a loss sets ``needs_text_states`` (it costs a second decoder pass)
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` (a transformers model) with eager attention for a while: only it returns attention weights. Set on
+    every config inside, not through the model's: a VisionEncoderDecoderModel gives its encoder a new config object,
+    while the encoder's layers keep reading the one they were built with."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+# The share of each token that stays itself through a layer (the residual path) in attention rollout. Abnar & Zuidema
+# use 1/2; 3/4 placed words best on the shapes world's validation split for both quickstart systems (docs/explain.md).
+ROLLOUT_RESIDUAL = 0.75
+
+
+def attention_rollout(attentions: Sequence[Tensor], residual: float = ROLLOUT_RESIDUAL) -> Tensor:
+    """Every layer's attention (B, heads, N, N), first to last -> (B, N, N): how much each output token draws on each
+    input token through all of them. Attention rollout (Abnar & Zuidema, 2020): each layer's heads averaged, the
+    residual path counted as ``residual`` of each token staying itself, and the layers multiplied."""
+    rollout = None
+    for layer in attentions:
+        mixed = layer.float().mean(1)  # (B, N, N)
+        mixed = (1 - residual) * mixed + residual * torch.eye(mixed.shape[-1], device=mixed.device)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    if rollout is None:
+        raise ValueError("no attention layers to roll out")
+    return rollout
+
+
+def vision_rollout(model: nn.Module, pixel_values: Tensor) -> Tensor:
+    """``attention_rollout`` of a transformers vision model (ViT, SigLIP, CLIP's tower) on ``pixel_values``."""
+    dtype = next(model.parameters()).dtype
+    with eager_attention(model):
+        attentions = model(pixel_values=pixel_values.to(dtype), output_attentions=True).attentions
+    return attention_rollout(attentions)
 
 
 def transformers_model(module: nn.Module) -> nn.Module | None:
@@ -148,6 +194,26 @@ class Encoder(Component, ABC):
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, N, D)"""
 
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(first, rows, cols): tokens ``first`` to ``first + rows * cols`` of ``forward``'s output are the image's
+        patches, row by row (what `prefixcap explain` draws its maps on). The default reads a square number of tokens
+        as a square grid with nothing before it; an encoder that keeps a class or register token in front, or whose
+        grid is not square, says so by overriding this."""
+        side = math.isqrt(self.num_tokens)
+        if side * side != self.num_tokens:
+            raise NotImplementedError(f"{type(self).__name__} gives {self.num_tokens} tokens, not a square grid: it "
+                                      "says where its patches are with Encoder.patch_grid")  # fmt: skip
+        return 0, side, side
+
+    def token_sources(self, pixel_values: Tensor) -> Tensor | None:
+        """(B, 3, S, S) -> (B, N, N): how much each output token draws on each input position (its patch, or a class
+        token), each row summing to 1; `prefixcap explain` maps what the decoder reads back to the patches through it.
+        None (the default): each output token is its own patch, as a convolutional feature map roughly is. A
+        transformer mixes its tokens, so its output token i need not be about patch i: transformer encoders give
+        the attention rollout of their layers (``attention_rollout``)."""
+        return None
+
     # The recipe's image section (resize mode, fill), set by compose through set_preprocessing; None: the family's own.
     _preprocessing_choice: tuple[str | None, tuple[float, float, float] | None] = (None, None)
 
@@ -224,6 +290,13 @@ class Connector(Component, ABC):
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, K, H)"""
 
+    def source_weights(self, tokens: Tensor) -> Tensor:
+        """(B, N, D) -> (B, K, N): how each output token draws on the input tokens, each row summing to 1 (a token
+        pooled or stacked from 4 patches: 1/4 on each; a query: its attention over them). `prefixcap explain` spreads
+        the decoder's attention to the prefix back over the patches with it."""
+        raise NotImplementedError(f"the {type(self).__name__} connector does not say which patches each of its tokens "
+                                  "comes from (Connector.source_weights)")  # fmt: skip
+
 
 class Decoder(Component, ABC):
     """A causal LM that takes a prefix of embeddings in front of the text embeddings."""
@@ -266,6 +339,19 @@ class Decoder(Component, ABC):
     @abstractmethod
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
         """Continue from embeddings; returns new token ids (B, T_new)."""
+
+    def attentions(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, H), (B, L) -> (B, layers, heads, L, L): every layer's self-attention weights (queries, keys). The
+        default asks the transformers model inside for them, with eager attention (the fused kernels return none)."""
+        model = transformers_model(self)
+        if model is None:
+            raise NotImplementedError(f"the {type(self).__name__} decoder does not give its attention weights "
+                                      "(Decoder.attentions)")  # fmt: skip
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with eager_attention(model):
+            out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, output_attentions=True, logits_to_keep=1)  # fmt: skip
+        return torch.stack(out.attentions, dim=1)
 
 
 class Loss(Component, ABC):
@@ -334,6 +420,20 @@ class System(nn.Module, ABC):
         ``attention_mask`` as ``tokenize`` makes them. A contrastive score pools these."""
         raise NotImplementedError(f"{type(self).__name__} cannot run its decoder on text alone "
                                   "(System.text_states), so it cannot learn a contrastive score")  # fmt: skip
+
+    def attention_maps(self, batch: Batch) -> Tensor:
+        """(B, layers, heads, T, N): the attention the decoder pays to each of the encoder's N output tokens while it
+        predicts ``batch.labels[:, t]``, per layer and head (what `prefixcap explain --method attention` draws; see
+        prefixcap/explain.py). Rows need not sum to 1: the rest went to the text."""
+        raise NotImplementedError(f"{type(self).__name__} does not give the attention its decoder pays to the image "
+                                  "(System.attention_maps)")  # fmt: skip
+
+    def explain(self, image: Any, method: str = "attention", **options: Any) -> Any:
+        """The greedy caption of one image with a heatmap per word: ``prefixcap.explain.Explanation``; see
+        prefixcap/explain.py for the methods and ``explain`` there for a batch."""
+        from prefixcap.explain import explain
+
+        return explain(self, [image], method, **options)[0]
 
     # Each score type's default --min-score, measured on the held-out split when a run finishes and saved with the
     # system (prefixcap.score.calibrate); None until then.
@@ -444,6 +544,9 @@ class System(nn.Module, ABC):
         return total, trainable
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1: pixel edges, so a one-pixel box at (3, 4) is (3, 4, 4, 5)
+
+
 @dataclass(frozen=True)
 class Metric:
     """A data set's own headline metric, computed by its ``task_metrics``: what `prefixcap run` prints beside the
@@ -482,6 +585,14 @@ class DatasetSource(ABC):
         """Metrics only this data can compute (e.g. the shapes oracle's exact-scene accuracy): ``captions[k]`` was
         generated for example ``indices[k]`` of the split (in ``examples(split)`` order)."""
         return {}
+
+    def word_boxes(self, split: str, index: int, words: Sequence[str]) -> list[tuple[int, Box]]:
+        """Optional: for a caption of example ``index`` given as its words, the words that name something drawn in
+        the image, each with that thing's box (x0, y0, x1, y1, pixel edges of the image): `prefixcap bench`'s
+        pointing game checks that a word's map peaks inside its box. Only a caption that states the image correctly
+        gets boxes (a wrong one: []), and only a source that knows where things are offers them (the shapes world)."""
+        raise NotImplementedError(f"the {type(self).__name__} data set does not say where things are in its images "
+                                  "(DatasetSource.word_boxes)")  # fmt: skip
 
     def hard_negatives(self, split: str, index: int) -> list[str]:
         """Optional: minimal edits of example ``index``'s first reference that describe something else (another

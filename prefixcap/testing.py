@@ -888,6 +888,32 @@ class ComponentConformance:
             np.testing.assert_allclose(together.of(kind), alone.of(kind), atol=1e-4,
                                        err_msg=f"{kind} scores change with the other texts in the batch")  # fmt: skip
 
+    def test_explains_its_captions(self):
+        """`prefixcap explain` works through this component as through the builtins: by gradient always (a map per
+        caption token on the encoder's patch grid, Encoder.patch_grid, each summing to 1), and by attention when the
+        system can say where its decoder looks (Decoder.attentions, Connector.source_weights), else refused with the
+        method it lacks named (docs/writing-a-plugin.md, Explaining)."""
+        import torch
+
+        from prefixcap.explain import ExplainError, explain
+
+        torch.manual_seed(self.seed)
+        system = self.compose_system()
+        images = self.images(system)[:2]
+        first, rows, cols = system.encoder.patch_grid
+        assert first >= 0 and rows * cols + first <= system.encoder.num_tokens, "patch_grid lies outside the tokens"
+        for method in ("gradient", "attention"):
+            try:
+                found = explain(system, images, method, captions=list(self.captions[:2]))
+            except ExplainError as e:
+                named = any(f"{part}." in str(e) for part in ("System", "Connector", "Decoder", "Encoder"))
+                assert method == "attention" and named, f"--method {method} refused without naming what is missing: {e}"
+                continue
+            for explanation in found:
+                maps = explanation.word_maps()
+                assert explanation.grid == (rows, cols) and len(maps) == len(explanation.words) > 0, method
+                assert torch.allclose(maps.sum((-2, -1)), torch.ones(len(maps)), atol=1e-4), f"{method} maps"
+
     def test_save_load_round_trip(self, tmp_path: Path):
         import torch
 

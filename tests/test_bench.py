@@ -187,3 +187,23 @@ def test_the_data_declares_its_headline_metric_and_bench_follows_it(tmp_path):
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "val": {"loss": 1.5, "count_accuracy": 0.5}}]
     plot_curves(history, tmp_path / "curves.png", counting)
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_bench_reports_the_pointing_game_for_each_system_or_why_it_has_no_figure(report):
+    """Four steps write no right caption, so there is no word to point with: every cell says so. (The pointing game
+    itself is tested on trained systems: tests/test_explain.py, tests/systems/test_crossattn_learning.py.)"""
+    from prefixcap.bench_report import POINTING_ROWS, pointing_table
+
+    result, out = report
+    section = json.loads((out / "bench.json").read_text())["pointing"]
+    assert section == result["pointing"] and "pointing" not in result["entries"][0]
+    assert result["protocol"]["pointing_images"] == 200
+    assert [c["label"] for c in section["columns"]] == ["crossattn", "prefix"]
+    for column in section["columns"]:
+        assert (column["split"], column["images"]) == ("test", 6)
+        for key, _ in POINTING_ROWS:  # a figure, or the reason there is none: never a silent gap
+            assert column["values"][key] is not None or "no word to point with" in column["why"][key], column
+    headers, body = pointing_table(section)
+    assert headers == ["crossattn", "prefix"] and [row[0] for row in body][:-1] == [label for _, label in POINTING_ROWS]
+    md = (out / "bench.md").read_text()
+    assert "### Pointing game" in md and "| " + " | ".join(body[0]) + " |" in md

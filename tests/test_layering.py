@@ -22,12 +22,13 @@ LAYERS: list[tuple[str, list[str]]] = [
     # hub resolves hub ids for persist and pushes what persist saved.
     ("assembly", ["recipe", "compose", "persist", "hub"]),
     # score is System.score's engine: interfaces calls it, and it runs a System through Batch, so the two share a layer
-    ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score"]),
+    # explain is System.explain's engine, as score is System.score's
+    ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score", "explain"]),
     ("components", ["encoders*", "connectors*", "decoders*", "losses*", "systems*", "data", "data.shapes",
                     "data.sources", "metrics.clipscore"]),
     ("data path", ["data.cache", "data.loader"]),
     ("workflows", ["training*", "bench", "bench_report", "caption", "export", "onnx_captioner", "web_demo", "hf",
-                   "doctor", "matching", "judge", "score_rows", "onnx_scorer"]),
+                   "doctor", "matching", "judge", "score_rows", "onnx_scorer", "pointing", "explain_render"]),
     # "" is prefixcap/__init__.py, the Python API; the conformance kit tests plugins through it, as their users will
     ("surface", ["", "cli", "__main__", "testing"]),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +28,16 @@ class TokenReducer(nn.Module):
         self.side = side
         self.out_tokens = in_tokens if mode == "none" else (side // factor) ** 2
         self.out_dim = in_dim * factor * factor if mode == "pixel-shuffle" else in_dim
+
+    def source_weights(self) -> Tensor:
+        """(out_tokens, in_tokens): 1/f^2 from each output token to each of the f x f patches it pools or stacks."""
+        n = self.side * self.side if self.mode != "none" else self.out_tokens
+        if self.mode == "none":
+            return torch.eye(n)
+        rows = torch.arange(n) // self.side // self.factor  # each input token's output row and column
+        cols = torch.arange(n) % self.side // self.factor
+        owner = rows * (self.side // self.factor) + cols  # (N,) the output token each patch goes to
+        return (owner[None] == torch.arange(self.out_tokens)[:, None]).float() / self.factor**2
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "none":
@@ -56,6 +67,10 @@ class LinearConnector(Connector):
         if in_tokens != self._in_tokens:
             raise CompositionError(f"this connector was built for {self._in_tokens} tokens, not {in_tokens}")
         return self.reduce.out_tokens
+
+    def source_weights(self, tokens: Tensor) -> Tensor:
+        weights = self.reduce.source_weights().to(tokens.device)  # the same for every image
+        return weights.expand(tokens.shape[0], -1, -1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.proj(self.reduce(tokens))  # (B, N, D) -> (B, K, D') -> (B, K, H)

@@ -27,12 +27,16 @@ class QFormerLayer(nn.Module):
                                  nn.Linear(4 * width, width))  # fmt: skip
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries: Tensor, tokens: Tensor) -> Tensor:
-        """(B, K, W), (B, N, W) -> (B, K, W)"""
+    def forward(self, queries: Tensor, tokens: Tensor, weights: list[Tensor] | None = None) -> Tensor:
+        """(B, K, W), (B, N, W) -> (B, K, W); appends the cross-attention weights (B, K, N), heads averaged, to
+        ``weights`` when given (it costs the fused kernel, so only `prefixcap explain` asks)."""
         x = self.self_norm(queries)
         queries = queries + self.dropout(self.self_attn(x, x, x, need_weights=False)[0])
         x = self.cross_norm(queries)
-        queries = queries + self.dropout(self.cross_attn(x, tokens, tokens, need_weights=False)[0])
+        read, attn = self.cross_attn(x, tokens, tokens, need_weights=weights is not None)
+        if weights is not None:
+            weights.append(attn)
+        queries = queries + self.dropout(read)
         return queries + self.dropout(self.mlp(self.mlp_norm(queries)))
 
 
@@ -54,9 +58,15 @@ class QFormerLite(Connector):
     def output_tokens(self, in_tokens: int) -> int:
         return self.queries.shape[0]  # cross-attention takes any N
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, weights: list[Tensor] | None = None) -> Tensor:
         tokens = self.norm_in(self.proj_in(tokens))  # (B, N, D) -> (B, N, W)
         queries = self.queries.expand(tokens.shape[0], -1, -1)  # (K, W) -> (B, K, W)
         for layer in self.layers:
-            queries = layer(queries, tokens)
+            queries = layer(queries, tokens, weights)
         return self.proj_out(self.norm_out(queries))  # (B, K, W) -> (B, K, H)
+
+    def source_weights(self, tokens: Tensor) -> Tensor:
+        """Each query's cross-attention over the encoder tokens, averaged over heads and layers: (B, K, N)."""
+        weights: list[Tensor] = []
+        self(tokens, weights)
+        return torch.stack(weights).mean(0)

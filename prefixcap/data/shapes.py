@@ -115,6 +115,12 @@ _FORMS: dict[str, tuple[int, ...]] = {  # skeleton -> which phrase is 1st, 2nd, 
 
 def parse_caption(text: str) -> Scene | None:
     """The scene a caption states, left to right, or None if it is not a caption of the shapes grammar."""
+    parsed = _phrases(text)
+    return None if parsed is None else tuple(parsed[0][i] for i in parsed[1])
+
+
+def _phrases(text: str) -> tuple[list[Shape], tuple[int, ...]] | None:
+    """The caption's noun phrases in the order it names them, and which of them is 1st, 2nd, ... from the left."""
     shapes: list[Shape] = []
 
     def take(match: re.Match[str]) -> str:
@@ -123,7 +129,18 @@ def parse_caption(text: str) -> Scene | None:
 
     skeleton = _NOUN_PHRASE.sub(take, " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split()))
     order = _FORMS.get(skeleton)
-    return None if order is None else tuple(shapes[i] for i in order)
+    return None if order is None else (shapes, order)
+
+
+def shape_words(words: Sequence[str], scene: Scene) -> list[tuple[int, int]]:
+    """(word index, position in ``scene``) of each shape noun ("circle", ...) of a caption given as its words, when
+    the caption states ``scene`` exactly; [] otherwise. Each noun phrase holds one such noun, in the caption's
+    order, so the k-th noun is the k-th phrase, and the grammar says which shape that phrase is."""
+    parsed = _phrases(" ".join(words))
+    if parsed is None or tuple(parsed[0][i] for i in parsed[1]) != tuple(scene):
+        return []
+    nouns = [i for i, word in enumerate(words) if re.sub(r"[^a-z]+", "", word.lower()) in KINDS]
+    return [(word, parsed[1].index(k)) for k, word in enumerate(nouns)] if len(nouns) == len(scene) else []
 
 
 def scene_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> float:
@@ -209,6 +226,14 @@ class ShapesSource(DatasetSource):
             return {}
         scenes = list(self.scenes(split))
         return {"oracle_accuracy": scene_accuracy(captions, [scenes[i] for i in indices])}
+
+    def word_boxes(self, split: str, index: int, words: Sequence[str]) -> list[tuple[int, tuple[int, int, int, int]]]:
+        """Each shape noun of a correct caption with its shape's box, as pixel edges (see ``shape_words``)."""
+        if not 0 <= index < self.size(split):
+            raise IndexError(f"{split} has {self.size(split)} examples; there is no example {index}")
+        scene, boxes = self._layout(split, self._rng(split, index))
+        return [(word, (x0, y0, x1 + 1, y1 + 1))  # inclusive pixels -> edges
+                for word, (x0, y0, x1, y1) in ((w, boxes[pos]) for w, pos in shape_words(words, scene))]  # fmt: skip
 
     def hard_negatives(self, split: str, index: int) -> list[str]:
         """Minimal edits of example ``index``'s first reference, each checked to state another scene (see

@@ -11,7 +11,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 from prefixcap.checkpoints import TINY, fetch, load_config, resolve
 from prefixcap.encoders import SiglipOptions
 from prefixcap.images import ImageProcessor
-from prefixcap.interfaces import Encoder
+from prefixcap.interfaces import Encoder, vision_rollout
 from prefixcap.weights import refuse_pickle_weights
 
 # Same class as siglip-base, scaled down: 32x32 images, 8x8 patches -> 16 tokens of width 64.
@@ -52,6 +52,9 @@ class SiglipEncoder(Encoder):
     def image_processor(self) -> ImageProcessor:
         # SigLIP squashes to a square and normalises to [-1, 1].
         return ImageProcessor(self.config.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="squash")
+
+    def token_sources(self, pixel_values: Tensor) -> Tensor:
+        return vision_rollout(self.model, pixel_values)  # SigLIP has no class token: N patches in, N tokens out
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype

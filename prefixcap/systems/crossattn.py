@@ -26,7 +26,7 @@ from prefixcap.decoders import TinySizes
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError
 from prefixcap.images import ImageProcessor
-from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput
+from prefixcap.interfaces import Batch, Component, Encoder, Loss, System, SystemOutput, eager_attention, vision_rollout
 from prefixcap.weights import load_into, module_state, save_transformers, transformers_names
 from prefixcap.config import GenerateConfig
 from prefixcap.systems import CrossAttnOptions
@@ -96,6 +96,12 @@ class VisionEncoder(Encoder):
         with torch.no_grad():
             return self(torch.zeros(1, 3, size, size, device=param.device)).shape[1]
 
+    @cached_property
+    def patch_grid(self) -> tuple[int, int, int]:
+        # The patches come last, after whatever the family puts in front (ViT's class token, DeiT's two).
+        side = self.model.config.image_size // self.model.config.patch_size
+        return self.num_tokens - side * side, side, side
+
     @property
     def image_processor(self) -> ImageProcessor:
         resize, mean, std, _ = PREPROCESSING.get(self.model.config.model_type, PREPROCESSING["vit"])
@@ -115,6 +121,9 @@ class VisionEncoder(Encoder):
                                                                    "crop_size": square}  # fmt: skip
         return getattr(transformers, name)(**sizes, resample=PILImageResampling.BICUBIC, image_mean=list(ours.mean),
                                            image_std=list(ours.std), do_convert_rgb=True)  # fmt: skip
+
+    def token_sources(self, pixel_values: Tensor) -> Tensor:
+        return vision_rollout(self.model, pixel_values)
 
     def trained_state(self) -> dict[str, Tensor]:
         return {}  # saved, and checked on loading, with the whole pair in the decoder's folder (CrossAttnDecoder)
@@ -285,6 +294,16 @@ class CrossAttnSystem(System):
         return SystemOutput(logits=out.logits, labels=batch.labels, hidden=hidden,
                             prefix=self.visual_tokens(features=memory),
                             text_states=self.text_states(batch.input_ids, batch.attention_mask))  # fmt: skip
+
+    def attention_maps(self, batch: Batch) -> Tensor:
+        """Every block's cross-attention weights from each caption position to the encoder's N tokens:
+        (B, layers, heads, T, N); position t predicts labels[:, t]."""
+        memory = batch.features if batch.features is not None else self.encoder(batch.pixel_values)
+        with eager_attention(self.decoder.model):
+            out = self.hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                                decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask,
+                                use_cache=False, output_attentions=True)  # fmt: skip
+        return torch.stack(out.cross_attentions, dim=1)
 
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:

@@ -62,6 +62,19 @@ class PrefixSystem(System):
         logits = self.decoder(inputs, mask, num_logits=t + 1)[:, :-1]  # (B, T, V)
         return SystemOutput(logits=logits, labels=batch.labels, prefix=prefix, text_states=text_states)
 
+    def attention_maps(self, batch: Batch) -> Tensor:
+        """The decoder's attention from the position that predicts each caption token to the K prefix positions,
+        spread over the encoder's N tokens by the connector (Connector.source_weights): (B, layers, heads, T, N)."""
+        tokens = batch.features if batch.features is not None else self.encoder(batch.pixel_values)  # (B, N, D)
+        prefix = self.connector(tokens)  # (B, K, H)
+        spread = self.connector.source_weights(tokens)  # (B, K, N)
+        text = self.decoder.embed(batch.input_ids)
+        inputs = torch.cat([prefix.to(text.dtype), text], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(prefix.shape[:2]), batch.attention_mask], dim=1)
+        k, t = prefix.shape[1], batch.input_ids.shape[1]
+        attn = self.decoder.attentions(inputs, mask)[..., k - 1 : k - 1 + t, :k]  # position K-1+t predicts token t
+        return attn.float() @ spread.float()[:, None, None]  # (B, L, H, T, K) @ (B, 1, 1, K, N)
+
     def generation_inputs(self, pixel_values: Tensor) -> Tensor:
         """(B, K + P, H): each image's prefix, then the decoder's prompt embedded; what decoding starts from."""
         prefix = self.prefix(pixel_values)  # (B, K, H)

@@ -38,3 +38,18 @@ def test_the_crossattn_baseline_learns_to_judge_captions(crossattn):
     assert contrastive["i2t_r1"] >= 0.5 and contrastive["hard_negative_accuracy"] >= 0.4, contrastive
     for kind, figures in found.items():
         assert figures["true_above_min"] >= 0.8 and figures["calibrated_on"] == 50, (kind, figures)
+
+
+def test_the_crossattn_baseline_points_at_the_shapes_it_names(crossattn):
+    """The pointing game (prefixcap.pointing) after 300 steps: measured on 100 test images (137 shape nouns in 72
+    right captions) attention 0.92, gradient 0.93, chance 0.045; without rollout 0.85 and 0.83. Its cross-attention
+    reads the encoder's 64 tokens directly, so its maps are sharp early; the prefix system's are tested in
+    tests/test_explain.py."""
+    from prefixcap import load
+    from prefixcap.data.shapes import ShapesSource
+    from prefixcap.pointing import pointing_game
+
+    found = pointing_game(load(crossattn.run_dir), ShapesSource(), "test", images=100)
+    assert found["words"] >= 100, found
+    for method, accuracy in found["accuracy"].items():
+        assert accuracy >= 0.8 and accuracy >= 3 * found["chance"], (method, found)
