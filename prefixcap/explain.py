@@ -163,6 +163,10 @@ def explain(system: System, images: Sequence[Any], method: str = "attention", *,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     images = list(images)
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images: give one caption an image")
+    if not images:
+        return []
     processor = system.encoder.preprocessing
     if resize is not None:
         processor = dataclasses.replace(processor, resize=resize)

@@ -79,6 +79,14 @@ def test_the_greedy_caption_is_explained_by_default_and_system_explain_takes_one
         assert np.isclose(np.sum(word["map"]), 1, atol=1e-3) and len(word["layers"]) == 1
 
 
+def test_bad_calls_are_refused_clearly(system):
+    assert explain(system, [], "attention") == []
+    with pytest.raises(ValueError, match="unknown method 'saliency'"):
+        explain(system, [EXAMPLES[0].image], "saliency")
+    with pytest.raises(ValueError, match="1 captions for 2 images"):
+        explain(system, [EXAMPLES[0].image, EXAMPLES[1].image], "gradient", captions=["a red circle"])
+
+
 def test_pooled_and_stacked_tokens_hold_exactly_the_patches_they_are_made_of():
     from prefixcap.connectors.linear import TokenReducer
 

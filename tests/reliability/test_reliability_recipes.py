@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from prefixcap import PrefixcapError, RecipeError, load_recipe
 from prefixcap.cli import cli
-from prefixcap.config import EvalConfig, GenerateConfig, OutputConfig, TrainConfig
+from prefixcap.config import EvalConfig, GenerateConfig, ImageConfig, OutputConfig, TrainConfig
 from prefixcap.recipe import SLOTS, Recipe
 from prefixcap.registry import get_component, list_components
 
@@ -136,8 +136,8 @@ def check_message(kind: str, error: PrefixcapError) -> None:
 
 # --- what a recipe may hold ----------------------------------------------------------------------------------------
 
-SECTION_MODELS: dict[str, type[BaseModel]] = {"train": TrainConfig, "eval": EvalConfig, "generate": GenerateConfig,
-                                              "output": OutputConfig}  # fmt: skip
+SECTION_MODELS: dict[str, type[BaseModel]] = {"train": TrainConfig, "image": ImageConfig, "eval": EvalConfig,
+                                              "generate": GenerateConfig, "output": OutputConfig}  # fmt: skip
 COMPONENTS = {slot: get_component(kind, spec if isinstance(spec, str) else spec["name"]).options
               for slot, kind in SLOTS.items() if (spec := QUICKSTART.get(slot))}  # fmt: skip
 
