@@ -50,6 +50,15 @@ def convert(gguf: Path) -> Path:
     target = cache_root() / file_sha256(gguf)[:16]
     if (target / "model.safetensors").exists():
         return target
+    import torch
+
+    # The fresh model below draws its (discarded) initial weights from torch's global generator: without a fork, the
+    # first build in a process would seed everything after it (LoRA's init, dropout) differently from every later one.
+    with torch.random.fork_rng(devices=[]):
+        return _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -36,3 +36,17 @@ def test_meta_build_needs_no_weights():
         decoder = create("decoder", "smollm2-offline", {}, pretrained=False)
     assert decoder.tokenizer is None and decoder.config.num_hidden_layers == 30
     assert sum(p.numel() for p in decoder.parameters()) > 130_000_000
+
+
+def test_the_first_build_seeds_nothing_after_it(tmp_path, monkeypatch):
+    """Converting the GGUF (the first build on a machine) leaves torch's generator as it found it, so the first build
+    in a process trains as every later one does: a suite on a fresh machine once failed on this alone."""
+    from prefixcap_smollm2.model import convert, packaged_gguf
+
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    converted = convert(packaged_gguf())
+    assert (converted / "model.safetensors").is_file() and converted.is_relative_to(tmp_path)
+    assert torch.equal(torch.rand(4), expected)
