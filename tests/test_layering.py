@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # explain is System.explain's engine, as score is System.score's
     ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score", "explain"]),
     ("components", ["encoders*", "connectors*", "decoders*", "losses*", "systems*", "data", "data.shapes",
-                    "data.sources", "metrics.clipscore"]),
+                    "data.shapes_languages", "data.sources", "metrics.clipscore"]),
     ("data path", ["data.cache", "data.loader"]),
     ("workflows", ["training*", "bench", "bench_report", "caption", "export", "onnx_captioner", "web_demo", "hf",
                    "doctor", "matching", "judge", "score_rows", "onnx_scorer", "pointing", "explain_render"]),

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prefixcap.data import ShapesOptions
+from prefixcap.data.shapes_languages import LANGUAGES as LANGUAGES, grammar  # LANGUAGES: this module's too
 from prefixcap.interfaces import DatasetSource, Example, Metric, Rows
 
 # Saturated, far apart in RGB and from the grey background, so colour is never the hard part at 64 pixels.
@@ -69,8 +70,11 @@ class ShapesExample(Example):
     boxes: tuple[Box, ...]  # one per shape, in the same order as ``scene``
 
 
-def references(scene: Scene) -> list[str]:
-    """Every caption the generator writes for ``scene``; all exact, worded differently. The first is the plainest."""
+def references(scene: Scene, language: str = "en") -> list[str]:
+    """Every caption the generator writes for ``scene`` in ``language`` (one of LANGUAGES; the others are written by
+    prefixcap.data.shapes_languages); all exact, worded differently. The first is the plainest."""
+    if (other := grammar(language)) is not None:
+        return other.references(scene)
     a = [f"a {shape.phrase()}" for shape in scene]
     if len(scene) == 1:
         one = scene[0].phrase()
@@ -113,14 +117,16 @@ _FORMS: dict[str, tuple[int, ...]] = {  # skeleton -> which phrase is 1st, 2nd, 
 }  # fmt: skip
 
 
-def parse_caption(text: str) -> Scene | None:
-    """The scene a caption states, left to right, or None if it is not a caption of the shapes grammar."""
-    parsed = _phrases(text)
+def parse_caption(text: str, language: str = "en") -> Scene | None:
+    """The scene a caption states, left to right, or None if it is not a caption of the language's shapes grammar."""
+    parsed = _phrases(text, language)
     return None if parsed is None else tuple(parsed[0][i] for i in parsed[1])
 
 
-def _phrases(text: str) -> tuple[list[Shape], tuple[int, ...]] | None:
+def _phrases(text: str, language: str = "en") -> tuple[list[Shape], tuple[int, ...]] | None:
     """The caption's noun phrases in the order it names them, and which of them is 1st, 2nd, ... from the left."""
+    if (other := grammar(language)) is not None:
+        return None if (found := other.phrases(text)) is None else ([Shape(*s) for s in found[0]], found[1])
     shapes: list[Shape] = []
 
     def take(match: re.Match[str]) -> str:
@@ -132,24 +138,26 @@ def _phrases(text: str) -> tuple[list[Shape], tuple[int, ...]] | None:
     return None if order is None else (shapes, order)
 
 
-def shape_words(words: Sequence[str], scene: Scene) -> list[tuple[int, int]]:
+def shape_words(words: Sequence[str], scene: Scene, language: str = "en") -> list[tuple[int, int]]:
     """(word index, position in ``scene``) of each shape noun ("circle", ...) of a caption given as its words, when
     the caption states ``scene`` exactly; [] otherwise. Each noun phrase holds one such noun, in the caption's
     order, so the k-th noun is the k-th phrase, and the grammar says which shape that phrase is."""
-    parsed = _phrases(" ".join(words))
+    parsed = _phrases(" ".join(words), language)
     if parsed is None or tuple(parsed[0][i] for i in parsed[1]) != tuple(scene):
         return []
-    nouns = [i for i, word in enumerate(words) if re.sub(r"[^a-z]+", "", word.lower()) in KINDS]
+    other = grammar(language)
+    is_noun = other.is_noun if other else (lambda word: re.sub(r"[^a-z]+", "", word.lower()) in KINDS)
+    nouns = [i for i, word in enumerate(words) if is_noun(word)]
     return [(word, parsed[1].index(k)) for k, word in enumerate(nouns)] if len(nouns) == len(scene) else []
 
 
-def scene_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> float:
+def scene_accuracy(captions: Sequence[str], scenes: Sequence[Scene], language: str = "en") -> float:
     """Fraction of captions that state their scene exactly (an unparsable caption counts as wrong)."""
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")
     if not captions:
         raise ValueError("no captions to score")
-    return sum(parse_caption(c) == tuple(s) for c, s in zip(captions, scenes)) / len(captions)
+    return sum(parse_caption(c, language) == tuple(s) for c, s in zip(captions, scenes)) / len(captions)
 
 
 def minimal_edits(scene: Scene) -> list[Scene]:
@@ -169,12 +177,12 @@ def minimal_edits(scene: Scene) -> list[Scene]:
     return [edit for edit in dict.fromkeys(edits) if edit != tuple(scene)]
 
 
-def hard_negatives(scene: Scene) -> list[str]:
+def hard_negatives(scene: Scene, language: str = "en") -> list[str]:
     """The plainest caption (``references(...)[0]``) of each of ``minimal_edits(scene)``: the true caption's own
     words with one colour, one kind or the order changed. Each is kept only if the oracle reads it back as another
     scene, so a caption that still states ``scene`` (or states nothing) is never counted against the truth."""
-    captions = [references(edit)[0] for edit in minimal_edits(scene)]
-    kept = [c for c in captions if (stated := parse_caption(c)) is not None and stated != tuple(scene)]
+    captions = [references(edit, language)[0] for edit in minimal_edits(scene)]
+    kept = [c for c in captions if (stated := parse_caption(c, language)) is not None and stated != tuple(scene)]
     return list(dict.fromkeys(kept))
 
 
@@ -218,29 +226,30 @@ class ShapesSource(DatasetSource):
         rng = self._rng(stream, index)
         scene, boxes = self._layout(stream, rng)
         image = self._draw(scene, boxes, rng)
-        return ShapesExample(image=image, captions=references(scene), scene=scene, boxes=boxes)
+        return ShapesExample(image=image, captions=references(scene, self.options.language), scene=scene, boxes=boxes)
 
     def task_metrics(self, split: str, indices: Sequence[int], captions: Sequence[str]) -> dict[str, float]:
         """Exact-scene accuracy: the share of captions the oracle parses back into exactly the drawn scene."""
         if not captions:
             return {}
         scenes = list(self.scenes(split))
-        return {"oracle_accuracy": scene_accuracy(captions, [scenes[i] for i in indices])}
+        return {"oracle_accuracy": scene_accuracy(captions, [scenes[i] for i in indices], self.options.language)}
 
     def word_boxes(self, split: str, index: int, words: Sequence[str]) -> list[tuple[int, tuple[int, int, int, int]]]:
         """Each shape noun of a correct caption with its shape's box, as pixel edges (see ``shape_words``)."""
         if not 0 <= index < self.size(split):
             raise IndexError(f"{split} has {self.size(split)} examples; there is no example {index}")
         scene, boxes = self._layout(split, self._rng(split, index))
+        placed = shape_words(words, scene, self.options.language)
         return [(word, (x0, y0, x1 + 1, y1 + 1))  # inclusive pixels -> edges
-                for word, (x0, y0, x1, y1) in ((w, boxes[pos]) for w, pos in shape_words(words, scene))]  # fmt: skip
+                for word, (x0, y0, x1, y1) in ((w, boxes[pos]) for w, pos in placed)]  # fmt: skip
 
     def hard_negatives(self, split: str, index: int) -> list[str]:
         """Minimal edits of example ``index``'s first reference, each checked to state another scene (see
         ``hard_negatives``): what `prefixcap bench`'s hard-negative test puts against the true caption."""
         if not 0 <= index < self.size(split):
             raise IndexError(f"{split} has {self.size(split)} examples; there is no example {index}")
-        return hard_negatives(self._layout(split, self._rng(split, index))[0])
+        return hard_negatives(self._layout(split, self._rng(split, index))[0], self.options.language)
 
     def _rng(self, split: str, index: int) -> random.Random:
         # A str seed is hashed with SHA-512 by random.Random: stable across processes, platforms and PYTHONHASHSEED.
@@ -297,13 +306,15 @@ class ShapesRows(Rows):
         return self.n
 
     def captions(self, index: int) -> list[str]:
-        return references(self.source._layout(self.split, self.source._rng(self.split, index))[0])
+        scene = self.source._layout(self.split, self.source._rng(self.split, index))[0]
+        return references(scene, self.source.options.language)
 
     def image(self, index: int) -> Image.Image:
         return self.source.example(self.split, index).image
 
     def identity(self) -> str:
         # The generator's own version: drawing code that changes pictures must change it, or caches go stale.
-        # Other splits' sizes are left out: a longer val split leaves the train pictures as they were.
-        others = {f"{s}_size" for s in SPLITS if s != self.split}
+        # Other splits' sizes are left out: a longer val split leaves the train pictures as they were; so is the
+        # language, which changes captions only: every language shares the same pictures' features.
+        others = {f"{s}_size" for s in SPLITS if s != self.split} | {"language"}
         return f"shapes-2:{self.split}:{self.source.options.model_dump_json(exclude=others)}"
