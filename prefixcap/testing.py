@@ -75,6 +75,10 @@ NOTES = pytest.StashKey[list[str]]()  # what classes did not check, listed at th
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 HEAVY = ("torch", "transformers")  # what a plugin module must not import (prefixcap/hookspecs.py)
 ONNX_LOGITS_ATOL = 1e-4  # onnxruntime vs PyTorch on the same pixels; tests/test_export.py measured at most 4e-7
+# Logits are compared relative to their scale: fp32 sums reordered by onnxruntime's kernels drift with depth and
+# magnitude (the real SmolLM2-135M, 30 layers, logits up to 24: 1.8e-4, 7e-6 of the scale). A wrong or missing
+# weight moves them by whole units (one step of LoRA left unmerged: 12).
+ONNX_LOGITS_RTOL = 1e-4
 LOAD_PLUGINS = "PREFIXCAP_LOAD_PLUGINS"
 SELF_DIST = "prefixcap"
 SHIPPED = ("package", "bundled")  # Need kinds of weights that come with an installed package, not from the hub
@@ -967,7 +971,8 @@ class ComponentConformance:
             inputs = loaded.generation_inputs(torch.from_numpy(pixels))
             mask = torch.ones(inputs.shape[:2], dtype=torch.long)
             reference = loaded.decoder(inputs, mask, num_logits=1)[:, -1].float().numpy()
-        assert np.abs(logits - reference).max() < ONNX_LOGITS_ATOL, "first-step logits differ from PyTorch's"
+        tolerance = ONNX_LOGITS_RTOL * max(1.0, float(np.abs(reference).max()))
+        assert np.abs(logits - reference).max() < tolerance, "first-step logits differ from PyTorch's"
         assert captioner.caption(images) == loaded.caption(images)
         if json.loads((onnx_dir / "manifest.json").read_text())["scoring"] is not None:  # else export warned why
             from prefixcap.onnx_scorer import OnnxScorer
