@@ -390,6 +390,8 @@ def _figures_table(title: str, columns: list[str], body: list[list[str]]) -> Tab
 @click.option("--resize", type=click.Choice(["squash", "crop", "letterbox"]),
               help="Resize images so (letterbox: whole, padded to a square; docs/data.md) instead of as the system "
                    "was trained (default).")  # fmt: skip
+@click.option("--lang", metavar="TAG", help="Caption in this language: one of the system's language adapters (de, "
+                                             "fr, ...: a wrong one is told those it has); default English, its own.")
 @click.option("--beams", type=click.IntRange(min=1), metavar="K", help="Beam search with K beams.")
 @click.option("--sample", is_flag=True, help="Sample captions instead of searching for the likeliest.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), metavar="P", help="With --sample: nucleus P.")
@@ -413,9 +415,9 @@ def _figures_table(title: str, columns: list[str], body: list[list[str]]) -> Tab
                    "is also the score --min-score compares (otherwise contrastive when the system learnt one).")
 @_errors_to_exit_2
 def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, out_file: str | None, batch_size: int,
-            resize: str | None, beams: int | None, sample: bool, top_p: float | None, temperature: float | None,
-            max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool, clip_model: str | None,
-            rerank: int | None, min_score: str | None, rank_by: str | None):
+            resize: str | None, lang: str | None, beams: int | None, sample: bool, top_p: float | None,
+            temperature: float | None, max_new_tokens: int | None, tidy: bool, max_chars: int, score: bool,
+            clip_model: str | None, rerank: int | None, min_score: str | None, rank_by: str | None):
     """Write alt text for images with a trained system.
 
     RUN_OR_CHECKPOINT is a run directory (its final/), a saved system, or the hub id (user/repo) of one pushed to
@@ -441,6 +443,10 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
         generate["do_sample"] = sample  # --beams asks for a search even where the recipe samples
     if int8 and onnx_dir is None:
         raise click.UsageError("--int8 applies only with --onnx")
+    lang = None if lang == "en" else lang
+    if lang is not None and (score or clip_model or rerank or min_score):
+        # the system's scores (and CLIP-S) were learnt on English text: on a German caption they measure nothing
+        raise click.UsageError("--lang captions without scores: --score, --rerank and --min-score read English only")
     paths = _with_stdin(args if onnx_dir is not None else args[1:])
     if out_file is not None:
         check_out_file(out_file, paths)  # before the model loads: a refusal costs nothing
@@ -451,11 +457,13 @@ def caption(args: tuple[str, ...], onnx_dir: str | None, int8: bool, fmt: str, o
             from prefixcap.onnx_captioner import OnnxCaptioner
         except ImportError as e:
             raise CaptionError(f"--onnx: cannot load the ONNX captioner: {summary(e)}") from e
-        captioner, recipe = OnnxCaptioner(onnx_dir, int8=int8, resize=resize), None
+        captioner, recipe = OnnxCaptioner(onnx_dir, int8=int8, resize=resize, lang=lang), None
         generate = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     else:
         captioner = load_captioner(args[0])
         recipe = captioner.recipe
+        if lang is not None:
+            captioner.set_language(lang)
         if resize is not None:  # on the system, so that --rerank and --min-score score the pixels it captions
             processor = captioner.encoder.preprocessing
             captioner.encoder.set_preprocessing(resize, processor.fill if resize == "letterbox" else None)

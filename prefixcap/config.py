@@ -99,3 +99,21 @@ class OutputConfig(Section):
     keep_last: int = Field(2, ge=1)
     log_every_steps: int = Field(10, ge=1)
     tensorboard: bool | None = None  # scalars in <run dir>/tensorboard/; None: when tensorboard is installed
+
+
+class LanguageConfig(Section):
+    """A language adapter (prefixcap.languages): trained on a frozen base system, switched at caption time."""
+
+    name: str = Field(pattern=r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")  # de, fr, ru, pt-br: it names adapters/<name>/
+    r: int = Field(8, ge=1, le=256)  # LoRA rank on the decoder's attention layers
+    mlp_r: int = Field(4, ge=0, le=256)  # LoRA rank on its MLP layers; 0: attention only
+    # Train the embeddings of the tokens this language's captions use (peft's trainable tokens): tokens a base decoder
+    # never produced (the tiny tokenizer's bytes of German or Russian words) have nothing learnt in them.
+    tokens: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _not_english(cls, value: str) -> str:
+        if value == "en":
+            raise ValueError("en is the base system's own language, with no adapter")
+        return value

@@ -110,7 +110,9 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
     for name, graph in plan.graphs.items():
         described[name] = write_graph(graph, out / f"{name}.onnx", written)
     try:  # checked against the graphs as written, before the slow int8 pass: a plugin's mistake is found early
-        plan.runtime.check(described)
+        steps = [plan.runtime.step, *plan.languages.values()]
+        for step in steps:  # English's step graph, then each language's in its place
+            plan.runtime.model_copy(update={"step": step}).check(described, alternates=steps)
     except ValueError as e:
         raise ExportError(f"system {system.recipe.system.name!r}'s ONNX plan does not fit its graphs: {e}") from None
     if int8:
@@ -132,6 +134,7 @@ def write_export(system: Any, plan: OnnxPlan, source: Path, out: Path, *, int8: 
         "runtime": plan.runtime.model_dump(),
         "conventions": CONVENTIONS,
         "lora_merged": plan.lora_merged,
+        "languages": plan.languages,  # language -> its step graph, in place of runtime's step (prefixcap.languages)
         "tokens": tokens,
         "image": {"size": processor.size, "mean": list(processor.mean), "std": list(processor.std),
                   "resize": processor.resize, "crop_pct": processor.crop_pct, "rescale": "uint8 / 255",

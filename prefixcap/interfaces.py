@@ -353,6 +353,64 @@ class Decoder(Component, ABC):
                         use_cache=False, output_attentions=True, logits_to_keep=1)  # fmt: skip
         return torch.stack(out.attentions, dim=1)
 
+    # --- languages: named LoRA adapters on the frozen decoder (prefixcap.languages) -----------------------------
+    # The defaults work on the transformers model inside any decoder, a plugin's too; a decoder without one says so.
+
+    def _language_model(self) -> nn.Module:
+        model = transformers_model(self)
+        if model is None:
+            raise CompositionError(f"the {type(self).__name__} decoder holds no transformers model to put language "
+                                   "adapters on (Decoder.add_language)")  # fmt: skip
+        return model
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages this decoder has adapters for, in the order they were added (English, the base, is not one)."""
+        return list(self.__dict__.get("_language_configs", {}))
+
+    @property
+    def language(self) -> str | None:
+        """The active language adapter; None: the base decoder's own language."""
+        return self.__dict__.get("_language")
+
+    def add_language(self, options: Any, token_ids: Sequence[int] = (), config: Any = None) -> None:
+        """Add a LoRA adapter named ``options.name`` (prefixcap.config.LanguageConfig) beside the base layers, with
+        trainable embeddings for ``token_ids``; or the adapter ``config`` (a peft LoraConfig, as read from a save).
+        Nothing else changes: the active language stays what it was."""
+        from prefixcap.languages import add_language
+
+        add_language(self, options, token_ids, config)
+
+    def set_language(self, name: str | None) -> None:
+        from prefixcap.languages import activate
+
+        if name is not None and name not in self.languages:
+            known = ", ".join(self.languages) or "none"
+            raise CompositionError(f"no {name!r} language adapter in this system (it has: {known}; English is the "
+                                   "base, no adapter)")  # fmt: skip
+        if name == self.language:
+            return
+        model = self._language_model()
+        activate(model, [*self.__dict__.get("_base_adapters", []), *([name] if name else [])])
+        self.__dict__["_language"] = name
+
+    def language_parameters(self, name: str) -> list[nn.Parameter]:
+        from prefixcap.languages import adapter_parameters
+
+        return adapter_parameters(self._language_model(), name)
+
+    def save_language(self, name: str, directory: Path) -> list[str]:
+        """Adapter ``name`` in peft's format: adapter_config.json and adapter_model.safetensors."""
+        from prefixcap.languages import save_language
+
+        return save_language(self, name, directory)
+
+    def load_language(self, name: str, directory: Path) -> None:
+        """Add adapter ``name`` as saved in ``directory`` (if this decoder lacks it) and load its tensors."""
+        from prefixcap.languages import load_language
+
+        load_language(self, name, directory)
+
 
 class Loss(Component, ABC):
     """A training objective; the system sums ``weight * loss`` over its losses."""
@@ -469,10 +527,17 @@ class System(nn.Module, ABC):
         """Weighted sum of the system's losses, and each term for logging."""
         return self.compute_loss(self(batch), batch)
 
+    def training_losses(self) -> list[Loss]:
+        """The losses a step trains on. While a language adapter trains (prefixcap.languages.only_language_trains)
+        the embedding losses sit out: their heads were trained on English text and stay frozen."""
+        if self.__dict__.get("_language_run"):
+            return [loss for loss in self.losses if not isinstance(loss, EmbeddingLoss)]
+        return list(self.losses)
+
     def compute_loss(self, outputs: SystemOutput, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The losses of outputs already computed (a trainer calls the, possibly wrapped, forward itself)."""
         total, parts = None, {}
-        for loss in self.losses:
+        for loss in self.training_losses():
             value = loss(outputs, batch)
             parts[type(loss).__name__] = float(value.detach())
             total = value * loss.weight if total is None else total + value * loss.weight
@@ -491,21 +556,60 @@ class System(nn.Module, ABC):
                      labels=labels, captions=list(captions))  # fmt: skip
 
     def caption(self, images: Sequence[Any], **generate: Any) -> list[str]:
-        """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options, and
-        ``resize`` (squash, crop, letterbox) the encoder's resize mode for this call."""
+        """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options,
+        ``resize`` (squash, crop, letterbox) the encoder's resize mode for this call, and ``lang`` the language (a
+        language adapter's name, prefixcap.languages; None or "en": the base system's own)."""
         from prefixcap.config import GenerateConfig
 
         resize = generate.pop("resize", None)
+        lang = generate.pop("lang", None)
         config = GenerateConfig.model_validate({**self.generate_config.model_dump(), **generate})
         device = next(self.parameters()).device
         training = self.training
         self.eval()  # no dropout: the same image gets the same caption, even in the middle of training
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.speaking(lang):
                 pixels = self.encoder.preprocess(images) if resize is None else self.encoder.preprocess(images, resize)
                 return self.generate(pixels.to(device), config)
         finally:
             self.train(training)
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages this system captions in besides its own (English): its decoder's language adapters."""
+        decoder = getattr(self, "decoder", None)
+        return decoder.languages if isinstance(decoder, Decoder) else []
+
+    def set_language(self, lang: str | None) -> None:
+        """Caption in ``lang`` from now on (None or "en": the base); ``speaking`` for one block."""
+        lang = None if lang == "en" else lang
+        decoder = getattr(self, "decoder", None)
+        if isinstance(decoder, Decoder):
+            decoder.set_language(lang)
+        elif lang is not None:
+            raise CompositionError(f"this {type(self).__name__} has no language adapters (it has no decoder part)")
+
+    @contextlib.contextmanager
+    def speaking(self, lang: str | None) -> Iterator[None]:
+        """Caption in ``lang`` (a language adapter's name; None or "en": the base) inside the block, then switch
+        back: nothing is reloaded, the adapter is only made active."""
+        if lang is None or lang == "en":
+            lang = None
+        decoder = getattr(self, "decoder", None)
+        if not isinstance(decoder, Decoder):
+            if lang is None:
+                yield
+                return
+            raise CompositionError(f"this {type(self).__name__} has no decoder to switch to language {lang!r}")
+        before = decoder.language
+        if lang is None and before is None:
+            yield
+            return
+        decoder.set_language(lang)
+        try:
+            yield
+        finally:
+            decoder.set_language(before)
 
     def parts(self) -> list[tuple[str, Component]]:
         """(slot, component) for every component, slots named as in the recipe: encoder, ..., losses.0."""
@@ -536,6 +640,9 @@ class System(nn.Module, ABC):
     def load_trained(self, directory: str | Path) -> None:
         for slot, part in self.parts():
             part.load_trained(Path(directory) / slot)
+        for name in self.languages:  # adapters this system has (a resumed language run's): their saved weights
+            if (Path(directory) / "adapters" / name).is_dir():
+                self.decoder.load_language(name, Path(directory) / "adapters" / name)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable); works on the meta device, so `validate` counts without allocating."""

@@ -38,7 +38,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+                      field_validator)
 from tokenizers import Tokenizer
 
 from prefixcap import checkpoints
@@ -120,6 +121,8 @@ class ExportManifest(BaseModel):
     tokens: TokensSpec
     image: ImageSpec
     generate: GenerateSpec
+    # language -> the step graph that captions in it (prefixcap.languages); tags only, as they name menu entries
+    languages: dict[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")], str] = {}
 
 
 def legacy_runtime(parsed: ExportManifest) -> Runtime:
@@ -151,8 +154,10 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any], Runtime]:
         runtime = parsed.runtime or legacy_runtime(parsed)
     except ValueError as e:
         raise ExportError(f"{path}: invalid manifest: {e}") from None
+    steps = [runtime.step, *parsed.languages.values()]
     try:
-        runtime.check(parsed.model_dump()["graphs"])
+        for step in steps:  # English's step graph, then each language's in its place
+            runtime.model_copy(update={"step": step}).check(parsed.model_dump()["graphs"], alternates=steps)
     except ValueError as e:
         raise ExportError(f"{path}: invalid manifest: runtime: {e}") from None
     return manifest, runtime
@@ -191,18 +196,29 @@ def check_resize(resize: str | None) -> str | None:
 
 class OnnxCaptioner:
     def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None,
-                 resize: str | None = None):  # fmt: skip
+                 resize: str | None = None, lang: str | None = None):  # fmt: skip
         """``threads``: onnxruntime's intra-op threads per graph (default: one per physical core). ``resize``
-        (squash, crop, letterbox): resize images so instead of as the system was trained (the manifest's mode)."""
+        (squash, crop, letterbox): resize images so instead of as the system was trained (the manifest's mode).
+        ``lang``: caption in this language (one the export lists; None or "en": the system's own)."""
         self.directory, self.int8 = Path(directory), int8
         self.resize = check_resize(resize)
         self.manifest, self.runtime = read_manifest(self.directory)
+        self.lang = None if lang in (None, "en") else lang
+        languages = self.manifest.get("languages") or {}  # checked by read_manifest, each language's graph too
+        steps = {self.runtime.step, *languages.values()}
+        if self.lang is not None:
+            if self.lang not in languages:
+                raise ExportError(f"{self.directory}: no {self.lang!r} language in this export (it has: "
+                                  f"{', '.join(languages) or 'none'}; English is the system's own)")  # fmt: skip
+            self.runtime = self.runtime.model_copy(update={"step": languages[self.lang]})
         key = "int8_file" if int8 else "file"
         options = self.session_options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, graph in self.manifest["graphs"].items():
+            if name in steps and name != self.runtime.step:  # another language's decoder: not loaded
+                continue
             if graph.get(key) is None:
                 raise ExportError(f"{self.directory}: no int8 graphs (export with int8=True)")
             self.sessions[name] = open_session(file_inside(self.directory, graph[key]), graph, options)

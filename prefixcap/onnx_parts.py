@@ -20,7 +20,7 @@ nothing else, and a 196-token prefix would otherwise cost 196 lm_head rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,6 +64,9 @@ class OnnxPlan:
     eos_id: int  # generation ends at this token
     pad_id: int | None = None
     lora_merged: bool = False  # recorded in the manifest
+    # Language adapters (prefixcap.languages): each language's step graph, in place of runtime.step's, the adapter
+    # merged into its weights. The other graphs are shared.
+    languages: dict[str, str] = field(default_factory=dict)
 
 
 def merge_lora(model: nn.Module) -> tuple[nn.Module, bool]:

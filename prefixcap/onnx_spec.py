@@ -17,7 +17,7 @@ What every export shares, so the runtime section does not repeat it:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -53,16 +53,17 @@ class Runtime(BaseModel):
     first_step: dict[str, PositiveInt] = {}
     cache: Cache = Cache()
 
-    def check(self, graphs: Mapping[str, Mapping[str, Any]]) -> None:
+    def check(self, graphs: Mapping[str, Mapping[str, Any]], alternates: Collection[str] = ()) -> None:
         """ValueError, saying what is wrong, unless ``graphs`` (name -> {"inputs": [{"name", "shape", ...}],
-        "outputs": [...]}, as manifest.json describes them) are wired as this runtime says."""
+        "outputs": [...]}, as manifest.json describes them) are wired as this runtime says. ``alternates``: step
+        graphs that may stand in for this one (each language's), which are checked with their own runtime."""
         names = [*self.image, self.step]
         if len(set(names)) < len(names):
             raise ValueError(f"a graph is named twice among image {self.image} and step {self.step!r}")
         for name in names:
             if name not in graphs:
                 raise ValueError(f"no {name!r} graph among the graphs ({', '.join(graphs) or 'none'})")
-        if unused := [name for name in graphs if name not in names]:
+        if unused := [name for name in graphs if name not in names and name not in alternates]:
             raise ValueError(f"graph {unused[0]!r} is neither an image graph nor the step graph")
         given = {PIXELS}
         for name in self.image:

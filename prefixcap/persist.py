@@ -75,6 +75,7 @@ def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = N
             written = part.save_trained(tmp / slot)
             if written:
                 files[slot] = written
+        languages = save_languages(system, tmp)
         manifest = {
             "format": FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -84,6 +85,8 @@ def save_system(system: Any, directory: Path, metrics: dict[str, Any] | None = N
             "files": files,
             "recipe": system.recipe.to_dict(resolved=True),
         }
+        if languages:
+            manifest["languages"] = languages
         if getattr(system, "score_calibration", None):  # `prefixcap caption --min-score`'s default
             manifest["score_calibration"] = system.score_calibration
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -212,8 +215,44 @@ def load_system(directory: str | Path, device: str | torch.device | None = None,
         raise SavedSystemError("\n".join(f"{where}: recipe: {line}" for line in str(e).splitlines())) from e
     _check_trained_parts(directory, system, files)
     system.load_trained(directory)
+    load_languages(system, directory, manifest.get("languages"))
     system.score_calibration = parse_calibration(manifest.get("score_calibration"), str(directory / "manifest.json"),
                                                  SavedSystemError)  # fmt: skip
     if device is not None:
         system.to(device)
     return system.eval()
+
+
+def save_languages(system: Any, directory: Path) -> dict[str, Any]:
+    """Each language adapter into adapters/<name>/ (peft's format); returns the manifest's "languages" entry."""
+    decoder = getattr(system, "decoder", None)
+    names = getattr(decoder, "languages", [])
+    info = getattr(system, "language_info", {})
+    out = {}
+    for name in names:
+        files = decoder.save_language(name, directory / "adapters" / name)
+        out[name] = {**info.get(name, {}), "files": files}
+    return out
+
+
+def load_languages(system: Any, directory: Path, languages: Any) -> None:
+    """Add and load the adapters the manifest lists. Names and file names are checked before any path is built from
+    them: the manifest is a stranger's file."""
+    from prefixcap.languages import LANGUAGE_TAG
+
+    if languages is None:
+        system.language_info = {}
+        return
+    if not isinstance(languages, dict):
+        raise SavedSystemError(f"{directory}: the manifest's languages must map each language to its entry")
+    decoder = getattr(system, "decoder", None)
+    for name, entry in languages.items():
+        if not isinstance(name, str) or not LANGUAGE_TAG.match(name) or name == "en" or not isinstance(entry, dict):
+            raise SavedSystemError(f"{directory}: the manifest lists language {name!r}, which is no language tag "
+                                   "with an entry (de, fr, ru, pt-br)")  # fmt: skip
+        _listed_files(directory, {f"adapters/{name}": entry.get("files")} if isinstance(entry.get("files"), list)
+                      else {name: None})  # fmt: skip
+        if decoder is None or not hasattr(decoder, "load_language"):
+            raise SavedSystemError(f"{directory}: it has language adapters, and this system has no decoder to take them")
+        decoder.load_language(name, directory / "adapters" / name)
+    system.language_info = {name: {k: v for k, v in entry.items() if k != "files"} for name, entry in languages.items()}

@@ -16,7 +16,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from prefixcap.config import EvalConfig, GenerateConfig, ImageConfig, OutputConfig, Section, TrainConfig
+from prefixcap.config import (EvalConfig, GenerateConfig, ImageConfig, LanguageConfig, OutputConfig, Section,
+                              TrainConfig)
 from prefixcap.errors import PluginError, RecipeError, UnknownComponentError, first_line, summary
 from prefixcap.registry import ComponentOptions, get_component
 from prefixcap.yaml_text import MAX_DEPTH, MAX_YAML_NODES, Loc, TooBig, dotted, one_line, parse_yaml, printable, short
@@ -66,6 +67,24 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     generate: GenerateConfig = GenerateConfig()
     output: OutputConfig = OutputConfig()
+    # A language adapter run (prefixcap.languages): the trained system it starts from (a run directory or a saved
+    # system), whose parts it keeps frozen, and the adapter it trains. The parts come from the base, not from here.
+    base: str | None = Field(None, min_length=1)
+    language: LanguageConfig | None = None
+
+    @model_validator(mode="after")
+    def _base_and_language_together(self) -> "Recipe":
+        # language: with the parts and no base: is what a language run resolves to (its recipe.resolved.yaml)
+        if self.base is not None and self.language is None or self.language is not None and self.decoder is None \
+                and self.base is None:  # fmt: skip
+            raise ValueError("base: and language: go together: a language adapter is trained on a trained system "
+                             "(base: runs/quickstart, language: {name: de})")  # fmt: skip
+        if self.base is not None:
+            given = [s for s in (*SLOTS, "losses", "image") if s != "data" and s in self.model_fields_set]
+            if given:
+                raise ValueError(f"a recipe with base: takes its {', '.join(given)} from the base system; leave "
+                                 f"{'it' if len(given) == 1 else 'them'} out")  # fmt: skip
+        return self
 
     @field_validator("losses", mode="before")
     @classmethod

@@ -918,6 +918,42 @@ class ComponentConformance:
                 assert explanation.grid == (rows, cols) and len(maps) == len(explanation.words) > 0, method
                 assert torch.allclose(maps.sum((-2, -1)), torch.ones(len(maps)), atol=1e-4), f"{method} maps"
 
+    def test_language_adapter(self, tmp_path: Path):
+        """A decoder takes language adapters as the builtins do (prefixcap.languages; the Decoder defaults work on the
+        transformers model inside): English unchanged bit for bit once one is added, the language switched per call,
+        and both back the same from a save."""
+        if self.kind != "decoder":
+            pytest.skip("language adapters are a decoder's (Decoder.add_language)")
+        import torch
+
+        import prefixcap
+        from prefixcap.config import LanguageConfig
+
+        system = self.compose_system()
+        batch = self.batch(system)
+        self.train_step(system, batch)
+        images = self.images(system)
+        english = system.caption(images)
+        with torch.no_grad():
+            logits = system(batch).logits
+        ids = batch.input_ids[batch.labels >= 0].unique().tolist()
+        system.decoder.add_language(LanguageConfig(name="de", r=2, mlp_r=2), ids)
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():  # as if trained: LoRA's B starts at zero, which would change nothing
+            for p in system.decoder.language_parameters("de"):
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+            assert torch.equal(system(batch).logits, logits), "adding a language changed English"
+            with system.speaking("de"):
+                german = system(batch).logits
+        assert not torch.equal(german, logits), "the language adapter changes nothing"
+        assert system.caption(images) == english
+        system.save(tmp_path / "saved")
+        loaded = prefixcap.load(tmp_path / "saved")
+        assert loaded.languages == ["de"] and loaded.caption(images) == english
+        with torch.no_grad(), loaded.speaking("de"):
+            torch.testing.assert_close(loaded(batch).logits, german)
+        assert loaded.caption(images, lang="de") == system.caption(images, lang="de")
+
     def test_save_load_round_trip(self, tmp_path: Path):
         import torch
 

@@ -451,10 +451,11 @@ def test_third_party_encoder_and_connector_pass_the_kit_enabled_with_dash_p(pyte
         "SKIPPED *connector 'token-mixer' has no checkpoint option, so no tiny form*",
         "SKIPPED *TestTokenMixer does not claim that a prefix system with connector 'token-mixer' exports to ONNX*",
     ])  # fmt: skip
-    # 13 tests a class. None of the three has a checkpoint: no real-checkpoint path and no tiny form to compare
-    # (2 skips each). patch-conv passes the rest; token-mixer all but the unclaimed export; the forgetful encoder
-    # fails exactly the round trip, and skips the unclaimed export.
-    result.assert_outcomes(passed=11 + 10 + 9, failed=1, skipped=2 + 3 + 3)
+    # 14 tests a class. None of the three has a checkpoint: no real-checkpoint path and no tiny form to compare
+    # (2 skips each), and none is a decoder, which language adapters are for (1 each). patch-conv passes the rest;
+    # token-mixer all but the unclaimed export; the forgetful encoder fails exactly the round trip, and skips the
+    # unclaimed export.
+    result.assert_outcomes(passed=11 + 10 + 9, failed=1, skipped=3 + 4 + 4)
 
     bare = pytester.runpytest_subprocess("-x", timeout=120)  # the same tests without the plugin
     bare.assert_outcomes(errors=1)

@@ -231,13 +231,13 @@ class CausalLMDecoder(Decoder):
 
     def _base_names(self) -> dict[str, str]:
         """The transformers model's tensors: name in this component -> name in the model (under LoRA, peft's wrapping
-        undone and LoRA's own tensors left out)."""
+        undone and LoRA's own tensors left out, language adapters' too)."""
         prefix = "model.base_model.model." if self.options.finetune == "lora" else "model."
         names = {}
         for name in self.state_dict():
             parts = name.removeprefix(prefix).split(".")
-            if not any(part.startswith("lora_") for part in parts):
-                names[name] = ".".join(part for part in parts if part != "base_layer")
+            if not any(part.startswith(("lora_", "trainable_tokens_")) for part in parts):  # adapters: languages too
+                names[name] = ".".join(part for part in parts if part not in ("base_layer", "token_adapter"))
         return names
 
     def save_trained(self, directory: Path) -> list[str]:
@@ -268,8 +268,12 @@ class CausalLMDecoder(Decoder):
         saved = copy.copy(config)
         saved.base_model_name_or_path, saved.task_type = self.base_checkpoint, "CAUSAL_LM"
         self.model.peft_config["default"] = saved
+        from prefixcap.languages import peft_saving
+
         try:
-            self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+            with peft_saving(self.model, "default"):  # language adapters go to adapters/<name>/ (prefixcap.languages)
+                self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False,
+                                           selected_adapters=["default"])  # fmt: skip
         finally:
             self.model.peft_config["default"] = config
 

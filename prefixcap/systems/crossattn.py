@@ -282,8 +282,8 @@ class CrossAttnSystem(System):
 
     def forward(self, batch: Batch) -> SystemOutput:
         memory = batch.features if batch.features is not None else self.encoder(batch.pixel_values)  # (B, N, D)
-        needs_hidden = any(loss.needs_hidden for loss in self.losses)
-        needs_text = any(loss.needs_text_states for loss in self.losses)
+        needs_hidden = any(loss.needs_hidden for loss in self.training_losses())
+        needs_text = any(loss.needs_text_states for loss in self.training_losses())
         out = self.hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
                             decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask,
                             use_cache=False, output_hidden_states=needs_hidden)  # fmt: skip

@@ -47,7 +47,7 @@ class PrefixSystem(System):
     def forward(self, batch: Batch) -> SystemOutput:
         prefix = self.prefix(batch.pixel_values, batch.features)
         text_states = None
-        if any(loss.needs_text_states for loss in self.losses):
+        if any(loss.needs_text_states for loss in self.training_losses()):
             text_states = self.text_states(batch.input_ids, batch.attention_mask)
         text = self.decoder.embed(batch.input_ids)  # (B, T, H)
         inputs = torch.cat([prefix.to(text.dtype), text], dim=1)  # (B, K + T, H)
@@ -55,7 +55,7 @@ class PrefixSystem(System):
         mask = torch.cat([ones, batch.attention_mask], dim=1)
         # Position K-1+t predicts caption token t: keep the last T+1 positions' logits and drop the final one.
         t = batch.input_ids.shape[1]
-        if any(loss.needs_hidden for loss in self.losses):
+        if any(loss.needs_hidden for loss in self.training_losses()):
             logits, hidden = self.decoder(inputs, mask, num_logits=t + 1, return_hidden=True)
             return SystemOutput(logits[:, :-1], batch.labels, prefix, hidden=hidden[:, :-1],
                                 text_states=text_states)  # (B, T, V), (B, T, H)
@@ -96,7 +96,13 @@ class PrefixSystem(System):
         from prefixcap.onnx_parts import BATCH_DIMS, Graph, OnnxPlan, Runtime, example_pixels, merge_lora
         from prefixcap.onnx_parts import prefix_decoder_graph
 
-        lm, merged = merge_lora(getattr(self.decoder, "model", None))
+        languages = self.languages
+        if languages:  # copies with each language merged; the English one, as every other, without peft's layers
+            from prefixcap.languages import merged_model
+
+            lm, merged = merged_model(self.decoder, None), bool(self.decoder.lora_targets)
+        else:
+            lm, merged = merge_lora(getattr(self.decoder, "model", None))
         pixels = example_pixels(self.encoder)
         with torch.no_grad():
             tokens = self.encoder(pixels)
@@ -105,7 +111,12 @@ class PrefixSystem(System):
             "connector": Graph(self.connector, (tokens,), ["image_tokens"], ["prefix_embeds"], (BATCH_DIMS,)),
             "decoder": prefix_decoder_graph(lm, "prefix_embeds"),
         }
+        steps = {}
+        for lang in languages:  # one step graph per language: the image graphs are shared
+            steps[lang] = f"decoder_{lang.replace('-', '_')}"
+            graphs[steps[lang]] = prefix_decoder_graph(merged_model(self.decoder, lang), "prefix_embeds")
         runtime = Runtime(image=["vision_encoder", "connector"], step="decoder", first_step={"prefix_embeds": 1})
         tokenizer = self.decoder.tokenizer
         return OnnxPlan(graphs, runtime, tokenizer=tokenizer, prompt_ids=self.decoder.prompt_ids().tolist(),
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, lora_merged=merged)  # fmt: skip
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, lora_merged=merged,
+                        languages=steps)  # fmt: skip

@@ -8,16 +8,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefixcap.interfaces import System
+from prefixcap.interfaces import ParamGroup, System
 from prefixcap.recipe import Recipe
 from prefixcap.training.errors import RunError
 
 
 def make_optimizer(system: System, recipe: Recipe) -> tuple[torch.optim.Optimizer, Any]:
     t = recipe.train
+    if recipe.language is not None:  # a language run trains its adapter and nothing else (prefixcap.languages)
+        params = system.decoder.language_parameters(recipe.language.name)
+        chosen = [ParamGroup("language", params, None)]
+    else:
+        chosen = system.param_groups()
     groups = [{"params": g.params, "lr": g.lr or t.lr, "name": g.name,
                "weight_decay": t.weight_decay if g.weight_decay is None else g.weight_decay}
-              for g in system.param_groups()]  # fmt: skip
+              for g in chosen]  # fmt: skip
     if not groups:
         raise RunError("nothing to train: every parameter of this system is frozen")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))

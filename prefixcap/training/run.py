@@ -35,6 +35,12 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
     cannot start says everything it lacks at once and leaves no run directory behind (bench checks all entries).
     ``system``: train this system, composed from ``recipe``'s parts, instead of composing it again."""
     recipe = load_recipe(recipe, overrides)
+    if recipe.base is not None:  # a language adapter on a trained system: the system is the base's, loaded
+        if system is not None:
+            raise RunError("a recipe with base: loads its system from the base; give no system with it")
+        from prefixcap.languages import start_from_base
+
+        recipe, system = start_from_base(recipe)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
     if check_files:

@@ -212,7 +212,7 @@ class Run:
             tic = time.perf_counter()
             batch = self.micro_batch()
             data_s += time.perf_counter() - tic
-            with self.accelerator.accumulate(self.model):
+            with self.accelerator.accumulate(self.model), self.trains_only():
                 with self.autocast():
                     outputs = self.model(batch)
                     loss, _ = self.system.compute_loss(outputs, batch)
@@ -243,6 +243,14 @@ class Run:
         self.train_seconds += elapsed
         return total
 
+    def trains_only(self) -> contextlib.AbstractContextManager:
+        """A language run computes gradients for its adapter alone (the base's own flags are kept for saving)."""
+        if self.recipe.language is None:
+            return contextlib.nullcontext()
+        from prefixcap.languages import only_language_trains
+
+        return only_language_trains(self.system, self.recipe.language.name)
+
     def abandon_step(self, rng: Tensor) -> None:
         """Undo what a step that will not finish did: its accumulated gradients, and the random numbers it drew
         (dropout), so that a checkpoint now is the last complete step's exactly."""
@@ -257,7 +265,13 @@ class Run:
         return RunInterrupted(signum, self.step, latest_checkpoint(self.run_dir))
 
     def evaluate(self, split: CaptionSet) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        metrics, samples = evaluate(self.system, self.source, split, self.recipe, self.scorer)
+        losses = contextlib.nullcontext()
+        if self.recipe.language is not None:  # the loss a language adapter is chosen by is its captions'
+            from prefixcap.languages import caption_losses_only
+
+            losses = caption_losses_only(self.system)
+        with losses:
+            metrics, samples = evaluate(self.system, self.source, split, self.recipe, self.scorer)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -367,6 +381,16 @@ class Run:
             except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
                 raise state.write_failed(self, str(path), e) from e
 
+    def record_language(self, metrics: dict[str, Any]) -> None:
+        name = self.recipe.language.name
+        adapter = sum(p.numel() for p in self.system.decoder.language_parameters(name))
+        total = sum(p.numel() for p in self.system.parameters()) - sum(
+            p.numel() for other in self.system.languages for p in self.system.decoder.language_parameters(other))
+        info = self.system.language_info.setdefault(name, {})
+        info.update({"parameters": adapter, "share_of_system": round(adapter / total, 6),
+                     "train_seconds": round(self.train_seconds, 1), "steps": self.step,
+                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})  # fmt: skip
+
     def tensorboard_writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -381,6 +405,8 @@ class Run:
             split = test if len(test) else self.val_split
             metrics, samples = self.evaluate(split)
             metrics = {f"{split.name}_{k}": v for k, v in metrics.items()}
+            if self.recipe.language is not None:  # the manifest lists each language with what it scored
+                self.record_language(metrics)
             if self.main and len(self.val_split):  # saved with the system: `caption --min-score`'s default
                 self.system.score_calibration = score_calibration(self.system, self.val_split, self.recipe)
             skipped = sum(s.skipped + len(s.broken) for s in (self.train_split, self.val_split, test))
