@@ -1,7 +1,8 @@
 """`prefixcap export --web` end to end: a briefly trained quickstart model exported as a static page, served with
 `python -m http.server`, opened in headless Chromium (web/e2e.mjs, playwright-core driving /usr/bin/chromium), given
 shapes images through its file input; the page's captions, token ids, pixels and decoding must be exactly those of
-the Python ONNX captioner on the same graphs.
+the Python ONNX captioner on the same graphs. And a tiny system with language adapters (tests/test_languages.py's),
+exported the same way: its page's language menu, and its captions in a language equal to OnnxCaptioner(lang=...)'s.
 
 Needs Chromium and web/node_modules (`apt-get install -y chromium && npm ci --prefix web`, as .ci/run does); without
 them these tests fail, saying so. Screenshots go to $PREFIXCAP_ARTIFACTS (default: a pytest temporary folder).
@@ -13,6 +14,7 @@ import base64
 import json
 import os
 import shutil
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ from prefixcap.data import ShapesOptions
 from prefixcap.data.shapes import ShapesSource
 from prefixcap.images import open_image
 from prefixcap.onnx_captioner import ExportError, OnnxCaptioner
-from prefixcap.web_demo import ORT_DIR, ORT_FILES, decode_like_python, probe_ids, token_table
+from prefixcap.web_demo import ORT_DIR, ORT_FILES, decode_like_python, export_web, probe_ids, token_table
 
 REPO = Path(__file__).resolve().parent.parent
 WEB = REPO / "web"
@@ -90,11 +92,11 @@ def images(tmp_path_factory) -> list[Path]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def server(exported):
-    """`python -m http.server` serving the export, as the README says to: its URL."""
+@contextlib.contextmanager
+def serving(folder: Path):
+    """`python -m http.server` serving ``folder``, as the README says to: its URL."""
     process = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d",
-                                str(exported)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+                                str(folder)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         line = process.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
         assert "port" in line, line
@@ -104,8 +106,17 @@ def server(exported):
         process.wait()
 
 
-def browse(url: str, files: list[Path], screenshot: Path, probes: dict | None = None) -> dict:
-    """Run web/e2e.mjs: what the page did, as JSON."""
+@pytest.fixture(scope="module")
+def server(exported):
+    """The export, served: its URL."""
+    with serving(exported) as url:
+        yield url
+
+
+def browse(url: str, files: list[Path], screenshot: Path, probes: dict | None = None,
+           langs: list[str] | None = None) -> dict:  # fmt: skip
+    """Run web/e2e.mjs: what the page did, as JSON. ``langs``: caption the files once in each of these languages,
+    chosen in turn in the page's language menu (the results in that order)."""
     if problem := browser_problem():
         pytest.fail(f"the browser test cannot run: {problem}")
     command = ["node", str(WEB / "e2e.mjs"), "--url", url, "--screenshot", str(screenshot), "--chromium", str(CHROMIUM)]
@@ -113,13 +124,15 @@ def browse(url: str, files: list[Path], screenshot: Path, probes: dict | None = 
         probe_file = screenshot.with_suffix(".probes.json")
         probe_file.write_text(json.dumps(probes))
         command += ["--probes", str(probe_file)]
+    if langs is not None:
+        command += ["--langs", ",".join(langs)]
     done = subprocess.run([*command, *map(str, files)], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"web/e2e.mjs failed (exit {done.returncode}):\n{done.stderr}"
     screenshot.with_suffix(".json").write_text(done.stdout)  # next to the screenshot: what the page did
     report = json.loads(done.stdout)
     assert report["errors"] == [] and report["failed"] == [] and report["blocked"] == [], report
     assert "results" in report, report["status"]  # the page did not get ready
-    assert [r["name"] for r in report["results"]] == [f.name for f in files]
+    assert [r["name"] for r in report["results"]] == [f.name for f in files] * len(langs or [None])
     assert all("error" not in r for r in report["results"]), report["results"]
     return report
 
@@ -143,6 +156,16 @@ def test_page_is_self_contained(int8_page, exported, server):
     runtime = {f"{ORT_DIR}/{name}" for name in ORT_FILES}  # what this onnxruntime-web version loads, no more
     assert fetched == {"", "style.css", "app.js", "caption.js", "manifest.json", "tokens.web.json"} | graphs | runtime
     assert "int8 graphs" in int8_page["status"]
+
+
+def test_no_language_menu_without_languages(int8_page, exported):
+    """An export without language adapters: the language menu stays hidden and disabled, English only, and every
+    caption is English's (runtime.step's); the decoder was loaded for the first caption, not with the page."""
+    assert json.loads((exported / "manifest.json").read_text()).get("languages", {}) == {}
+    assert int8_page["menu"] == {"hidden": True, "disabled": True, "options": [["en", "English"]]}
+    assert [row["lang"] for row in int8_page["results"]] == ["en"] * len(int8_page["results"])
+    assert not any(url.endswith("decoder.int8.onnx") for url in int8_page["ready_requests"])
+    assert int8_page["warnings"] == []
 
 
 def test_int8_captions_match_onnxruntime(int8_page, exported, images):
@@ -212,6 +235,72 @@ def test_fp32_captions_match_caption_cli(exported, server, images, artifacts):
     assert [r["alt"] for r in report["results"]] == [r["caption"] for r in rows["--tidy"]]
 
 
+# --- an export with languages --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def language_exported(tmp_path_factory) -> Path:
+    """A tiny prefix system fitted to three colours with German and French adapters of random weights
+    (tests/test_languages.py's trained and with_languages), saved and exported with fp32 graphs for the page (fp32:
+    its captions are compared with OnnxCaptioner's, and int8's fused kernels can differ on a near-tie, see
+    test_int8_captions_match_onnxruntime): its folder."""
+    if problem := browser_problem():  # before the export
+        pytest.fail(f"the browser test cannot run: {problem}")
+    from test_languages import FULL, trained, with_languages
+
+    system = trained(FULL)
+    with_languages(system, "de", "fr")
+    folder = tmp_path_factory.mktemp("languages")
+    saved = system.save(folder / "saved")
+    manifest = export_web(saved, folder / "web", int8=False)
+    assert manifest["languages"] == {"de": "decoder_de", "fr": "decoder_fr"}, manifest["languages"]
+    return folder / "web"
+
+
+@pytest.fixture(scope="module")
+def language_page(language_exported, images, artifacts) -> dict:
+    """The page with languages: the images captioned in English, then in German (chosen in its language menu)."""
+    with serving(language_exported) as url:
+        report = browse(url, images, artifacts / "web-demo-languages.png", langs=["en", "de"])
+    report["server"] = url
+    return report
+
+
+def test_language_menu_lists_the_exports_languages(language_page):
+    assert language_page["menu"] == {"hidden": False, "disabled": False,
+                                     "options": [["en", "English"], ["de", "Deutsch"], ["fr", "Français"]]}  # fmt: skip
+    assert language_page["warnings"] == []
+
+
+def test_step_graphs_load_when_first_used(language_page, language_exported):
+    """The image graphs load with the page; English's decoder with the first English caption, German's with the first
+    German one, and French's never (nothing was captioned in French)."""
+    manifest = json.loads((language_exported / "manifest.json").read_text())
+    files = {name: graph["file"] for name, graph in manifest["graphs"].items()}
+    steps = {files[name] for name in ("decoder", "decoder_de", "decoder_fr")}
+    image = {files[name] for name in manifest["runtime"]["image"]}
+    server = language_page["server"]
+    at_ready = {url.removeprefix(server) for url in language_page["ready_requests"]}
+    fetched = {url.removeprefix(server) for url in language_page["requests"]}
+    assert image <= at_ready and not steps & at_ready, at_ready
+    assert fetched & steps == {files["decoder"], files["decoder_de"]}, fetched
+
+
+def test_language_captions_match_onnxruntime(language_page, language_exported, images):
+    """The page's captions in English and in German are token for token OnnxCaptioner's and OnnxCaptioner(lang="de")'s
+    on the same fp32 graphs, one image per call as the page does; and German is not English."""
+    rows = {lang: [r for r in language_page["results"] if r["lang"] == lang] for lang in ("en", "de")}
+    assert [len(rows["en"]), len(rows["de"])] == [len(images)] * 2
+    for lang in ("en", "de"):
+        captioner = OnnxCaptioner(language_exported, lang=lang)  # "en": the system's own, runtime.step
+        for path, row in zip(images, rows[lang]):
+            image = open_image(path)
+            assert row["ids"] == captioner.generate(captioner.pixel_values([image]))[0], (lang, path.name)
+            assert row["caption"] == captioner.caption([image])[0], (lang, path.name)
+            assert row["alt"] == tidy_alt_text(row["caption"])
+    assert [r["ids"] for r in rows["de"]] != [r["ids"] for r in rows["en"]]
+
+
 # --- caption.js in Node, no browser (fast) -------------------------------------------------------------------------
 
 
@@ -268,6 +357,46 @@ def test_preprocessing_matches_python_bit_for_bit():
         got = np.asarray(page, dtype=np.float32).reshape(want.shape)
         where = (spec["resize"], resize, spec["size"], rgb.shape)
         assert np.array_equal(got, want), (*where, float(np.abs(got - want).max()))
+
+
+LANGUAGES_JS = """
+output = input.map((manifest) => {
+  const warnings = [];
+  const languages = js.checkLanguages(manifest, manifest.runtime, (message) => warnings.push(message));
+  return { languages: [...languages], warnings };
+});
+output.push(['de', 'fr', 'ru', 'pt-br', 'en', 'xx'].map(js.languageName));
+"""
+
+
+def test_manifest_languages_are_checked():
+    """caption.js's checkLanguages: an export without languages (none, or written before them) has none; a tag that is
+    no language tag, English, a graph that is not in the manifest, an image graph or a graph of other inputs is
+    left out with a warning; and the menu's names."""
+    def value(name: str) -> dict:
+        return {"name": name, "dtype": "float32", "shape": [1]}
+
+    step = {"file": "decoder.onnx", "inputs": [value("input_ids"), value("past_0")], "outputs": [value("logits")]}
+    graphs = {"vision_encoder": {"file": "v.onnx", "inputs": [value("pixel_values")], "outputs": [value("x")]},
+              "decoder": step, "decoder_de": {**step, "file": "de.onnx"}, "decoder_ru": {**step, "file": "ru.onnx"},
+              "odd": {**step, "inputs": [value("input_ids")]}}  # fmt: skip
+    runtime = {"image": ["vision_encoder"], "step": "decoder"}
+    good = {"de": "decoder_de", "pt-br": "decoder_ru"}
+    bad = {"DE": "decoder_de", "../x": "decoder_de", "de-": "decoder_de", "__proto__": "decoder_de", "en": "decoder_de",
+           "fr": "decoder_fr", "it": None, "es": "vision_encoder", "nl": "odd", "ru": ["decoder_ru"],
+           "toString": "decoder_de", "sv": "constructor"}  # fmt: skip
+    manifests = [{"graphs": graphs, "runtime": runtime}, {"graphs": graphs, "runtime": runtime, "languages": {}},
+                 {"graphs": graphs, "runtime": runtime, "languages": ["de"]},
+                 {"graphs": graphs, "runtime": runtime, "languages": {**good, **bad}}]  # fmt: skip
+    *checked, names = run_caption_js(LANGUAGES_JS, manifests)
+    assert checked[:2] == [{"languages": [], "warnings": []}] * 2
+    assert checked[2]["languages"] == [] and len(checked[2]["warnings"]) == 1
+    assert checked[3]["languages"] == [["de", "decoder_de"], ["pt-br", "decoder_ru"]]
+    warned = checked[3]["warnings"]
+    assert len(warned) == len(bad) and all("is ignored" in w for w in warned), warned
+    for tag in bad:
+        assert any(f"language {json.dumps(tag)} is ignored" in w for w in warned), tag
+    assert names == ["Deutsch", "Français", "Русский", "pt-br", "English", "xx"]
 
 
 # --- refusals (fast: no model) ---------------------------------------------------------------------------------

@@ -2,10 +2,16 @@
 // (tests/test_web_demo.py runs it). Opens the served page, waits for the model, sets the image files on its
 // <input type=file>, waits until every caption is shown, saves a screenshot and prints what the page did as JSON:
 //
-//   node web/e2e.mjs --url http://127.0.0.1:PORT/ --screenshot shot.png [--probes probes.json] image.png ...
+//   node web/e2e.mjs --url http://127.0.0.1:PORT/ --screenshot shot.png [--probes probes.json] [--langs en,de] \
+//     image.png ...
 //
-//   {"status", "results": [{name, caption, alt, ms, ids, error?}], "requests", "blocked", "failed", "errors",
-//    "csp", "decoded", "tidied", "pixels"}   (csp: the Content-Security-Policy violations the page reported)
+//   {"status", "results": [{name, lang, caption, alt, ms, ids, error?}], "requests", "ready_requests", "blocked",
+//    "failed", "errors", "warnings", "csp", "menu", "decoded", "tidied", "pixels"}
+//
+// csp: the Content-Security-Policy violations the page reported; ready_requests: what the page had requested when it
+// was ready, before any image; menu: the language menu ({hidden, disabled, options: [[value, label], ...]});
+// warnings: the console's. --langs: caption the images once in each of these languages, in turn, each chosen in the
+// page's language menu first (results in that order); without it, once in the page's default.
 //
 // Only the page's own origin is reachable: any other request is aborted and listed in "blocked", so a page that
 // needs a CDN fails. probes.json may ask for {"decode": [[ids], ...], "tidy": [text, ...], "pixels": true}: the
@@ -25,6 +31,7 @@ const { values: options, positionals: files } = parseArgs({
     probes: { type: 'string' },
     chromium: { type: 'string', default: '/usr/bin/chromium' },
     timeout: { type: 'string', default: '90' },
+    langs: { type: 'string' },
   },
 });
 // Without the background-networking flags Chromium waits on services it cannot reach on a closed network.
@@ -38,7 +45,7 @@ try {
   context = await chromium.launchPersistentContext(profile, {
     executablePath: options.chromium, headless: true, args: FLAGS, viewport: { width: 900, height: 700 }, timeout,
   });
-  const report = { requests: [], blocked: [], failed: [], errors: [] };
+  const report = { requests: [], blocked: [], failed: [], errors: [], warnings: [] };
   const origin = new URL(options.url).origin;
   await context.route('**/*', (route) => {
     const url = route.request().url();
@@ -60,14 +67,28 @@ try {
   });
   page.on('requestfailed', (request) => report.failed.push(`${request.failure()?.errorText} ${request.url()}`));
   page.on('pageerror', (error) => report.errors.push(String(error)));
-  page.on('console', (message) => { if (message.type() === 'error') report.errors.push(message.text()); });
+  page.on('console', (message) => {
+    if (message.type() === 'error') report.errors.push(message.text());
+    if (message.type() === 'warning') report.warnings.push(message.text());
+  });
 
   await page.goto(options.url);
   await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state));
   report.status = await page.textContent('#status');
   if (await page.evaluate(() => document.body.dataset.state) === 'ready') {
-    await page.setInputFiles('#files', files);
-    await page.waitForFunction((n) => window.prefixcap.results.length === n, files.length);
+    report.ready_requests = [...report.requests];
+    report.menu = await page.evaluate(() => {
+      const menu = document.querySelector('#lang');
+      return { hidden: menu.closest('[hidden]') !== null, disabled: menu.disabled,
+        options: [...menu.options].map((option) => [option.value, option.textContent]) };
+    });
+    const langs = options.langs ? options.langs.split(',') : [null];
+    for (const [round, lang] of langs.entries()) {
+      if (lang !== null) await page.selectOption('#lang', lang);
+      await page.setInputFiles('#files', []); // a change event for the same files again
+      await page.setInputFiles('#files', files);
+      await page.waitForFunction((n) => window.prefixcap.results.length === n, files.length * (round + 1));
+    }
     report.results = await page.evaluate(() => window.prefixcap.results);
     const probes = options.probes ? JSON.parse(readFileSync(options.probes, 'utf8')) : {};
     Object.assign(report, await page.evaluate(runProbes, probes));

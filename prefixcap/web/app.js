@@ -1,11 +1,12 @@
 // The page: load the captioner, caption picked or dropped images one after another, show each caption with its time
 // and a ready-to-copy alt attribute. window.prefixcap exposes the captioner and the results (tests read them).
-import { Captioner, tidyAltText } from './caption.js';
+import { Captioner, languageName, tidyAltText } from './caption.js';
 
 const $ = (selector) => document.querySelector(selector);
 const status = $('#status');
 const results = [];
 let captioner;
+let lang = 'en'; // the language menu's choice: images added from then on are captioned in it
 let queue = Promise.resolve(); // one image at a time: a single wasm thread would only interleave them
 
 window.prefixcap = { results, tidyAltText };
@@ -30,6 +31,21 @@ async function main() {
   resize.value = $('#trained').textContent = manifest.image.resize;
   resize.disabled = false;
   resize.addEventListener('change', () => { captioner.resize = resize.value; });
+  // The language menu: English (the system's own) and each language of the export, shown only when it has one.
+  // Each language's decoder is loaded when an image is first captioned in it (Captioner.session).
+  const menu = $('#lang');
+  for (const tag of captioner.languages.keys()) {
+    const option = document.createElement('option');
+    option.value = tag;
+    option.textContent = languageName(tag);
+    menu.append(option);
+  }
+  menu.value = lang;
+  if (captioner.languages.size) {
+    menu.disabled = false;
+    $('#languages').hidden = false;
+  }
+  menu.addEventListener('change', () => { lang = menu.value; });
   $('#files').disabled = false;
 }
 
@@ -40,16 +56,20 @@ function add(files) {
     card.querySelector('img').src = URL.createObjectURL(file);
     card.querySelector('.name').textContent = file.name;
     $('#results').append(card);
-    queue = queue.then(() => caption(file, card));
+    const chosen = lang; // the language when the image was added, whatever is chosen while it waits
+    queue = queue.then(() => caption(file, card, chosen));
   }
 }
 
-async function caption(file, card) {
-  const row = { name: file.name };
+async function caption(file, card, lang) {
+  const row = { name: file.name, lang };
+  if (captioner.languages.size) card.querySelector('.lang').textContent = ` · ${languageName(lang)}`;
   try {
-    const { caption, ids, ms } = await captioner.captionFile(file);
+    const { caption, ids, ms } = await captioner.captionFile(file, { lang });
     Object.assign(row, { caption, ids, ms, alt: tidyAltText(caption) });
-    card.querySelector('.caption').textContent = caption || '(the model wrote an empty caption)';
+    const text = card.querySelector('.caption');
+    text.textContent = caption || '(the model wrote an empty caption)';
+    text.lang = card.querySelector('.alt').lang = card.querySelector('img').lang = lang; // read out in its language
     card.querySelector('.time').textContent = `${ms.toFixed(1)} ms`;
     card.querySelector('.alt').value = `alt="${escapeAttribute(row.alt)}"`;
     card.querySelector('img').alt = row.alt; // the thumbnail gets its own alt text

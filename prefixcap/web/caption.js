@@ -8,6 +8,8 @@
 
 export class Captioner {
   // base: the export folder's URL; graphs: 'int8' or 'fp32' (default: the export's choice, manifest.web.graphs).
+  // The image graphs are loaded here; each step graph (English's, runtime.step, and each language's) when a caption
+  // first needs it, so that an export with three languages does not load four decoders up front.
   static async load(base, { graphs } = {}) {
     base = new URL(base);
     const manifest = await fetchJson(new URL('manifest.json', base));
@@ -18,48 +20,88 @@ export class Captioner {
     const moduleUrl = exportUrl(base, 'web.runtime.module', web.runtime.module);
     const wasmPaths = exportUrl(base, 'web.runtime.wasm_paths', web.runtime.wasm_paths, { folder: true });
     const tokens = exportUrl(base, 'web.tokens', web.tokens);
-    const files = [];
+    const files = new Map();
     for (const [name, graph] of Object.entries(manifest.graphs)) {
       if (!graph[key]) throw new Error(`this export has no ${graphs} ${name} graph`);
       const data = graph[key] + '.data'; // weights over 1.5 GB live next to the graph (prefixcap/export.py)
-      files.push({ name, graph: exportUrl(base, `graphs.${name}.${key}`, graph[key]),
+      files.set(name, { graph: exportUrl(base, `graphs.${name}.${key}`, graph[key]),
         data: data in manifest.files ? [{ path: data, data: exportUrl(base, `graphs.${name}.${key}`, data) }] : null });
     }
     const runtime = checkRuntime(manifest); // the export checked it all (prefixcap/onnx_spec.py); this, what we read
+    const languages = checkLanguages(manifest, runtime);
     const ort = await import(moduleUrl);
     ort.env.wasm.wasmPaths = wasmPaths; // never a CDN
     // More threads need SharedArrayBuffer, which browsers only give cross-origin isolated pages: headers that
     // `python -m http.server` does not send.
     ort.env.wasm.numThreads = web.runtime.threads;
-    const sessions = {};
-    for (const { name, graph, data } of files) {
-      const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
-      if (data) options.externalData = data;
-      sessions[name] = await ort.InferenceSession.create(graph, options);
-    }
     const table = await fetchJson(tokens);
-    return new Captioner(ort, manifest, sessions, table, graphs, runtime);
+    const captioner = new Captioner(ort, manifest, files, table, graphs, runtime, languages);
+    for (const name of runtime.image) await captioner.session(name);
+    return captioner;
   }
 
-  constructor(ort, manifest, sessions, table, graphs, runtime) {
-    Object.assign(this, { ort, manifest, sessions, table, graphs, runtime });
+  // files: graph name -> { graph: URL, data: external data or null }, what session() loads; languages: tag -> step
+  // graph (checkLanguages).
+  constructor(ort, manifest, files, table, graphs, runtime, languages = new Map()) {
+    Object.assign(this, { ort, manifest, files, table, graphs, runtime, languages });
     this.tokens = manifest.tokens;
     this.skip = new Set(table.skip);
-    // The step graph's cache: each past input and the present output it comes back as (Runtime.cache_names).
-    const { past, present } = runtime.cache;
-    const other = new Set(['input_ids', 'attention_mask', ...runtime.every_step, ...Object.keys(runtime.first_step)]);
-    this.cache = new Map(manifest.graphs[runtime.step].inputs.map((v) => v.name)
-      .filter((name) => name.startsWith(past) && !other.has(name))
-      .map((name) => [name, present + name.slice(past.length)]));
+    this.sessions = {}; // graph name -> its session, once loaded
+    this.loading = new Map(); // graph name -> the promise of its session
+    this.caches = new Map(); // step graph name -> its cache (cacheOf)
+    this.lang = 'en'; // the language captions are written in unless a call says otherwise
   }
 
-  // One image file -> { caption, ids, ms }: ms counts preprocessing, the graphs and decoding, not reading the file.
-  async captionFile(file) {
+  // The graph's onnxruntime session, created on the first call (later calls share it; a failed load is tried again).
+  session(name) {
+    if (!this.loading.has(name)) {
+      const { graph, data } = this.files.get(name);
+      const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
+      if (data) options.externalData = data;
+      const loading = this.ort.InferenceSession.create(graph, options).then((session) => {
+        this.sessions[name] = session;
+        return session;
+      });
+      loading.catch(() => this.loading.delete(name));
+      this.loading.set(name, loading);
+    }
+    return this.loading.get(name);
+  }
+
+  // The step graph that writes captions in lang: runtime.step for English ('en', or none), else the language's.
+  stepGraph(lang) {
+    if (lang == null || lang === 'en') return this.runtime.step;
+    const graph = this.languages.get(lang);
+    if (!graph) {
+      throw new Error(`this export has no ${JSON.stringify(lang)} language (it has: ` +
+        `${[...this.languages.keys()].join(', ') || 'none'}; English is the system's own)`);
+    }
+    return graph;
+  }
+
+  // A step graph's cache: each past input and the present output it comes back as (Runtime.cache_names).
+  cacheOf(graph) {
+    if (!this.caches.has(graph)) {
+      const { past, present } = this.runtime.cache;
+      const other = new Set(['input_ids', 'attention_mask', ...this.runtime.every_step,
+        ...Object.keys(this.runtime.first_step)]);
+      this.caches.set(graph, new Map(this.manifest.graphs[graph].inputs.map((v) => v.name)
+        .filter((name) => name.startsWith(past) && !other.has(name))
+        .map((name) => [name, present + name.slice(past.length)])));
+    }
+    return this.caches.get(graph);
+  }
+
+  // One image file -> { caption, ids, ms, lang }: ms counts preprocessing, the graphs and decoding, not reading the
+  // file nor loading a step graph used for the first time. lang: 'en' (the system's own) or one of this.languages;
+  // default this.lang.
+  async captionFile(file, { lang = this.lang } = {}) {
+    await this.session(this.stepGraph(lang)); // refuses an unknown language before the image is read
     const image = await readImage(file);
     const start = performance.now();
-    const ids = await this.generate(this.pixelValues(image));
+    const ids = await this.generate(this.pixelValues(image), undefined, lang);
     const caption = this.decode(ids);
-    return { caption, ids, ms: performance.now() - start };
+    return { caption, ids, ms: performance.now() - start, lang: lang ?? 'en' };
   }
 
   // (1, 3, S, S) float32, as OnnxCaptioner._pixels makes them: RGB / 255, resized if not already at the size
@@ -107,50 +149,53 @@ export class Captioner {
     return new this.ort.Tensor('float32', out, [1, 3, size, size]);
   }
 
-  // Greedy ids up to and including EOS (OnnxCaptioner.generate for one image).
-  async generate(pixelValues, maxNewTokens) {
+  // Greedy ids up to and including EOS (OnnxCaptioner.generate for one image), in lang (default this.lang).
+  async generate(pixelValues, maxNewTokens, lang = this.lang) {
+    const graph = this.stepGraph(lang);
     const limit = maxNewTokens || this.manifest.generate.max_new_tokens;
     const ids = [];
-    let [logits, feed] = await this.start(pixelValues);
+    let [logits, feed] = await this.start(pixelValues, graph);
     for (let step = 0; step < limit; step++) {
       const next = argmax(logits.data);
       ids.push(next);
       if (next === this.tokens.eos_id || step === limit - 1) break;
-      [logits, feed] = await this.step(feed, [next]);
+      [logits, feed] = await this.step(feed, [next], graph);
     }
     return ids;
   }
 
-  // The image graphs, then the first step (with the prompt ids): logits of the first caption token, and what the
-  // next step feeds.
-  async start(pixelValues) {
+  // The image graphs, then the first step of the step graph (with the prompt ids): logits of the first caption
+  // token, and what the next step feeds.
+  async start(pixelValues, graph = this.runtime.step) {
     const runtime = this.runtime;
     const given = { pixel_values: pixelValues };
-    for (const graph of runtime.image) Object.assign(given, await this.run(graph, given));
+    for (const name of runtime.image) Object.assign(given, await this.run(name, given));
     const feed = {};
     for (const name of [...runtime.every_step, ...Object.keys(runtime.first_step)]) feed[name] = given[name];
     const axis = runtime.cache.length_axis;
-    for (const value of this.manifest.graphs[runtime.step].inputs) {
-      if (this.cache.has(value.name)) { // an empty past: the batch, length 0, the other dims as declared
+    const cache = this.cacheOf(graph);
+    for (const value of this.manifest.graphs[graph].inputs) {
+      if (cache.has(value.name)) { // an empty past: the batch, length 0, the other dims as declared
         const shape = value.shape.map((d, i) => (i === 0 ? 1 : i === axis ? 0 : d));
         feed[value.name] = this.tensor(value.dtype, [], shape);
       }
     }
-    return this.step(feed, this.tokens.prompt_ids);
+    return this.step(feed, this.tokens.prompt_ids, graph);
   }
 
-  // One step: ids after the cached past -> [logits (1, V), the next step's feed].
-  async step(feed, ids) {
+  // One step of the step graph: ids after the cached past -> [logits (1, V), the next step's feed].
+  async step(feed, ids, graph = this.runtime.step) {
     const runtime = this.runtime;
-    const past = feed[this.cache.keys().next().value].dims[runtime.cache.length_axis];
+    const cache = this.cacheOf(graph);
+    const past = feed[cache.keys().next().value].dims[runtime.cache.length_axis];
     let first = 0; // the first-step inputs' lengths: 0 after the first step
     for (const [name, axis] of Object.entries(runtime.first_step)) first += feed[name].dims[axis];
     const total = past + first + ids.length;
     const inputIds = this.tensor('int64', ids.map(BigInt), [1, ids.length]);
     const mask = this.tensor('int64', Array(total).fill(1n), [1, total]);
-    const outputs = await this.run(runtime.step, { ...feed, input_ids: inputIds, attention_mask: mask });
+    const outputs = await this.run(graph, { ...feed, input_ids: inputIds, attention_mask: mask });
     const next = { ...feed };
-    for (const [name, present] of this.cache) next[name] = outputs[present];
+    for (const [name, present] of cache) next[name] = outputs[present];
     for (const [name, axis] of Object.entries(runtime.first_step)) { // in the cache now
       next[name] = this.tensor(feed[name].type, [], feed[name].dims.map((d, i) => (i === axis ? 0 : d)));
     }
@@ -158,7 +203,7 @@ export class Captioner {
   }
 
   async run(graph, feed) {
-    const session = this.sessions[graph];
+    const session = this.sessions[graph] || await this.session(graph);
     return session.run(Object.fromEntries(session.inputNames.map((name) => [name, feed[name]])));
   }
 
@@ -388,6 +433,46 @@ function checkRuntime(manifest) {
     if (!Object.hasOwn(manifest.graphs, name)) throw new Error(`manifest.json's runtime names no graph ${name}`);
   }
   return runtime;
+}
+
+// A language tag as prefixcap.languages writes them: "de", "fr", "pt-br" (lower case; "en" is English, no adapter).
+export const LANGUAGE_TAG = /^[a-z]{2,3}(-[a-z0-9]{2,8})?$/;
+const LANGUAGE_NAMES = { en: 'English', de: 'Deutsch', fr: 'Français', ru: 'Русский' };
+
+// What the page's language menu calls a language: its own name for the ones it knows, else the tag.
+export function languageName(tag) {
+  return Object.hasOwn(LANGUAGE_NAMES, tag) ? LANGUAGE_NAMES[tag] : tag;
+}
+
+// The manifest's languages (tag -> the step graph that captions in it, in place of runtime.step; none in an export
+// written before languages) as a Map, without any that is not a language tag or whose graph is not a step graph of
+// this manifest (one of its graphs, no image graph, with the inputs and outputs of runtime.step's): those are left
+// out with a warning, since manifest.json is a file from anyone and a tag becomes a menu entry.
+export function checkLanguages(manifest, runtime, warn = console.warn) {
+  const languages = new Map();
+  const given = manifest.languages ?? {};
+  if (typeof given !== 'object' || Array.isArray(given)) {
+    warn(`manifest.json's languages are ignored: ${JSON.stringify(given)} is not an object of tag: graph`);
+    return languages;
+  }
+  const names = (values) => JSON.stringify((Array.isArray(values) ? values : []).map((v) => v?.name).sort());
+  const step = manifest.graphs[runtime.step];
+  for (const [tag, graph] of Object.entries(given)) {
+    let problem = null;
+    if (!LANGUAGE_TAG.test(tag) || tag === 'en') {
+      problem = 'is no language tag like de, fr or pt-br (en is the system\'s own)';
+    } else if (typeof graph !== 'string' || !Object.hasOwn(manifest.graphs, graph)) {
+      problem = `names no graph of this export (${JSON.stringify(graph)})`;
+    } else if (runtime.image.includes(graph)) {
+      problem = `names an image graph (${graph}), not a step graph`;
+    } else if (names(manifest.graphs[graph].inputs) !== names(step.inputs) ||
+               names(manifest.graphs[graph].outputs) !== names(step.outputs)) {
+      problem = `names graph ${graph}, whose inputs or outputs are not those of ${runtime.step}`;
+    }
+    if (problem) warn(`manifest.json's language ${JSON.stringify(tag)} is ignored: it ${problem}`);
+    else languages.set(tag, graph);
+  }
+  return languages;
 }
 
 async function fetchJson(url) {
