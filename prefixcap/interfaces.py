@@ -558,7 +558,7 @@ class System(nn.Module, ABC):
     def caption(self, images: Sequence[Any], **generate: Any) -> list[str]:
         """Alt text for PIL images, arrays or tensors; ``generate`` overrides the recipe's generation options,
         ``resize`` (squash, crop, letterbox) the encoder's resize mode for this call, and ``lang`` the language (a
-        language adapter's name, prefixcap.languages; None or "en": the base system's own)."""
+        language adapter's name, prefixcap.languages; "en": the base system's own; None: the active one)."""
         from prefixcap.config import GenerateConfig
 
         resize = generate.pop("resize", None)
@@ -591,18 +591,17 @@ class System(nn.Module, ABC):
 
     @contextlib.contextmanager
     def speaking(self, lang: str | None) -> Iterator[None]:
-        """Caption in ``lang`` (a language adapter's name; None or "en": the base) inside the block, then switch
-        back: nothing is reloaded, the adapter is only made active."""
-        if lang is None or lang == "en":
-            lang = None
+        """Caption in ``lang`` (a language adapter's name; "en": the base; None: whichever is active, set_language's)
+        inside the block, then switch back: nothing is reloaded, the adapter is only made active."""
         decoder = getattr(self, "decoder", None)
+        if lang is None or lang == "en" and not isinstance(decoder, Decoder):  # None: whatever is active stays
+            yield
+            return
+        lang = None if lang == "en" else lang
         if not isinstance(decoder, Decoder):
-            if lang is None:
-                yield
-                return
             raise CompositionError(f"this {type(self).__name__} has no decoder to switch to language {lang!r}")
         before = decoder.language
-        if lang is None and before is None:
+        if lang == before:
             yield
             return
         decoder.set_language(lang)
