@@ -101,10 +101,14 @@ class OutputConfig(Section):
     tensorboard: bool | None = None  # scalars in <run dir>/tensorboard/; None: when tensorboard is installed
 
 
+# A BCP 47-like tag, lower case: "de", "fr", "ru", "pt-br". It names a folder, so nothing else gets through.
+LANGUAGE_TAG = r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$"
+
+
 class LanguageConfig(Section):
     """A language adapter (prefixcap.languages): trained on a frozen base system, switched at caption time."""
 
-    name: str = Field(pattern=r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")  # de, fr, ru, pt-br: it names adapters/<name>/
+    name: str = Field(pattern=LANGUAGE_TAG)  # de, fr, ru, pt-br: it names adapters/<name>/
     r: int = Field(8, ge=1, le=256)  # LoRA rank on the decoder's attention layers
     mlp_r: int = Field(4, ge=0, le=256)  # LoRA rank on its MLP layers; 0: attention only
     # Train the embeddings of the tokens this language's captions use (peft's trainable tokens): tokens a base decoder

@@ -10,7 +10,8 @@ is the computation it was before any adapter was added, bit for bit.
     saved/manifest.json  "languages": {"de": {"parameters": ..., "share": ..., "metrics": {...}}}
 
 Training one: a recipe with ``base:`` (a run or a saved system) and ``language:`` (prefixcap.config.LanguageConfig);
-prefixcap.training.run loads the base, adds the adapter, trains only it and saves base + adapters as a new system.
+prefixcap.training.run.start_from_base loads the base and adds the adapter; the run trains only it and saves base +
+adapters as a new system.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
+from prefixcap.config import LANGUAGE_TAG as LANGUAGE_TAG_PATTERN
 from prefixcap.errors import CompositionError, SavedSystemError
 
-# A BCP 47-like tag, lower case: "de", "fr", "ru", "pt-br". It names a folder, so nothing else gets through.
-LANGUAGE_TAG = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
+LANGUAGE_TAG = re.compile(LANGUAGE_TAG_PATTERN)
 ENGLISH = "en"  # the base system's own language: no adapter
 MLP_HINTS = ("MLP", "FeedForward", "Mlp")  # transformers' MLP modules: LlamaMLP, PhiMLP, GPT2MLP, ...
 
@@ -255,40 +256,6 @@ def load_language(decoder: Any, name: str, directory: Path) -> None:
 def _names(model: nn.Module, name: str) -> list[str]:
     ids = {id(p) for p in adapter_parameters(model, name)}
     return [n for n, p in model.named_parameters() if id(p) in ids]
-
-
-def start_from_base(recipe: Any) -> tuple[Any, Any]:
-    """A language run's recipe and system: the base system loaded, its parts' sections and losses in the recipe
-    (``base:`` resolved away), and the new adapter added and made active. The base's saved files are only read."""
-    from prefixcap.persist import load_system, saved_system_dir
-    from prefixcap.recipe import load_recipe
-    from prefixcap.registry import create
-
-    saved = saved_system_dir(recipe.base)
-    system = load_system(saved)
-    own = {k: v for k, v in recipe.to_dict().items() if k in recipe.model_fields_set and k != "base"}
-    merged = {**system.recipe.to_dict(resolved=True), **own}
-    resolved = load_recipe(merged, origin=recipe)
-    name = resolved.language.name
-    if name in system.languages:
-        raise CompositionError(f"{recipe.location(('language', 'name'))}: {saved} has a {name!r} adapter already; "
-                               "start from a system without one (its base)")  # fmt: skip
-    tokens: list[int] = []
-    if resolved.language.tokens:
-        source = create("dataset", resolved.data.name, resolved.data.options)
-        rows = source.rows("train")
-        captions = ((c for i in range(len(rows)) for c in rows.captions(i)) if rows is not None
-                    else (c for example in source.examples("train") for c in example.captions))  # fmt: skip
-        tokens = caption_token_ids(system.decoder.tokenizer, captions)
-    import torch
-
-    with torch.random.fork_rng():  # LoRA's random A matrices: the same for the same seed, whatever ran before
-        torch.manual_seed(resolved.train.seed)
-        system.decoder.add_language(resolved.language, tokens)
-    system.decoder.set_language(name)
-    system.language_info = {**getattr(system, "language_info", {}), name: {"base": str(saved)}}
-    system.train()
-    return resolved, system
 
 
 def merged_model(decoder: Any, name: str | None) -> nn.Module:

@@ -22,6 +22,7 @@ Each component writes and reads its own tensors (prefixcap.weights); the directo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 
 from prefixcap import checkpoints
 from prefixcap.card import card_name, system_card, write_card
+from prefixcap.config import LANGUAGE_TAG
 from prefixcap.errors import RecipeError, SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
 from prefixcap.hf_config import write_hf_config
@@ -238,8 +240,6 @@ def save_languages(system: Any, directory: Path) -> dict[str, Any]:
 def load_languages(system: Any, directory: Path, languages: Any) -> None:
     """Add and load the adapters the manifest lists. Names and file names are checked before any path is built from
     them: the manifest is a stranger's file."""
-    from prefixcap.languages import LANGUAGE_TAG
-
     if languages is None:
         system.language_info = {}
         return
@@ -247,7 +247,7 @@ def load_languages(system: Any, directory: Path, languages: Any) -> None:
         raise SavedSystemError(f"{directory}: the manifest's languages must map each language to its entry")
     decoder = getattr(system, "decoder", None)
     for name, entry in languages.items():
-        if not isinstance(name, str) or not LANGUAGE_TAG.match(name) or name == "en" or not isinstance(entry, dict):
+        if not isinstance(name, str) or not re.match(LANGUAGE_TAG, name) or name == "en" or not isinstance(entry, dict):
             raise SavedSystemError(f"{directory}: the manifest lists language {name!r}, which is no language tag "
                                    "with an entry (de, fr, ru, pt-br)")  # fmt: skip
         _listed_files(directory, {f"adapters/{name}": entry.get("files")} if isinstance(entry.get("files"), list)

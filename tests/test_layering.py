@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("assembly", ["recipe", "compose", "persist", "hub"]),
     # score is System.score's engine: interfaces calls it, and it runs a System through Batch, so the two share a layer
     # explain is System.explain's engine, as score is System.score's
-    ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score", "explain"]),
+    # languages is Decoder's language methods' engine, as explain is System.explain's
+    ("contracts", ["interfaces", "onnx_spec", "onnx_parts", "score", "explain", "languages"]),
     ("components", ["encoders*", "connectors*", "decoders*", "losses*", "systems*", "data", "data.shapes",
                     "data.shapes_languages", "data.sources", "metrics.clipscore"]),
     ("data path", ["data.cache", "data.loader"]),

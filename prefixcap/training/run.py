@@ -38,8 +38,6 @@ def start(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | N
     if recipe.base is not None:  # a language adapter on a trained system: the system is the base's, loaded
         if system is not None:
             raise RunError("a recipe with base: loads its system from the base; give no system with it")
-        from prefixcap.languages import start_from_base
-
         recipe, system = start_from_base(recipe)
     if recipe.data is None:
         raise RunError(f"{recipe.source}: no data section; add one, e.g. `data: shapes` (the offline world)")
@@ -149,3 +147,38 @@ def _refuse_changed_parts(system: Any, recipe: Any) -> None:
 
 def _quiet(event: Any) -> None:
     pass
+
+
+def start_from_base(recipe: Any) -> tuple[Any, Any]:
+    """A language run's recipe and system: the base system loaded, its parts' sections and losses in the recipe
+    (``base:`` resolved away), and the new adapter added and made active. The base's saved files are only read."""
+    from prefixcap.languages import caption_token_ids
+    from prefixcap.persist import load_system, saved_system_dir
+    from prefixcap.recipe import load_recipe
+    from prefixcap.registry import create
+
+    saved = saved_system_dir(recipe.base)
+    system = load_system(saved)
+    own = {k: v for k, v in recipe.to_dict().items() if k in recipe.model_fields_set and k != "base"}
+    merged = {**system.recipe.to_dict(resolved=True), **own}
+    resolved = load_recipe(merged, origin=recipe)
+    name = resolved.language.name
+    if name in system.languages:
+        raise RunError(f"{recipe.location(('language', 'name'))}: {saved} has a {name!r} adapter already; "
+                               "start from a system without one (its base)")  # fmt: skip
+    tokens: list[int] = []
+    if resolved.language.tokens:
+        source = create("dataset", resolved.data.name, resolved.data.options)
+        rows = source.rows("train")
+        captions = ((c for i in range(len(rows)) for c in rows.captions(i)) if rows is not None
+                    else (c for example in source.examples("train") for c in example.captions))  # fmt: skip
+        tokens = caption_token_ids(system.decoder.tokenizer, captions)
+    import torch
+
+    with torch.random.fork_rng():  # LoRA's random A matrices: the same for the same seed, whatever ran before
+        torch.manual_seed(resolved.train.seed)
+        system.decoder.add_language(resolved.language, tokens)
+    system.decoder.set_language(name)
+    system.language_info = {**getattr(system, "language_info", {}), name: {"base": str(saved)}}
+    system.train()
+    return resolved, system

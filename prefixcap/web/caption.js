@@ -42,11 +42,15 @@ export class Captioner {
 
   // files: graph name -> { graph: URL, data: external data or null }, what session() loads; languages: tag -> step
   // graph (checkLanguages).
+  // files may instead be an object of sessions already created (graph name -> session), as callers before lazy
+  // loading passed them.
   constructor(ort, manifest, files, table, graphs, runtime, languages = new Map()) {
+    const preloaded = files instanceof Map ? {} : { ...files };
+    files = files instanceof Map ? files : new Map();
     Object.assign(this, { ort, manifest, files, table, graphs, runtime, languages });
     this.tokens = manifest.tokens;
     this.skip = new Set(table.skip);
-    this.sessions = {}; // graph name -> its session, once loaded
+    this.sessions = preloaded; // graph name -> its session, once loaded
     this.loading = new Map(); // graph name -> the promise of its session
     this.caches = new Map(); // step graph name -> its cache (cacheOf)
     this.lang = 'en'; // the language captions are written in unless a call says otherwise
@@ -54,6 +58,7 @@ export class Captioner {
 
   // The graph's onnxruntime session, created on the first call (later calls share it; a failed load is tried again).
   session(name) {
+    if (!this.loading.has(name) && this.sessions[name]) this.loading.set(name, Promise.resolve(this.sessions[name]));
     if (!this.loading.has(name)) {
       const { graph, data } = this.files.get(name);
       const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
