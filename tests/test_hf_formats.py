@@ -36,7 +36,7 @@ PREFIX = {
 CROSSATTN = {"system": {"name": "crossattn", "encoder": "tiny", "decoder": "tiny"}}
 COLOURS = [Image.new("RGB", (40, 40), c) for c in ("red", "navy", "white")]
 CAPTIONS = ["a red square", "a dark blue square", "a white square"]
-IDS = torch.tensor([[2, 17, 5, 40, 8, 1, 120]])  # any ids of the tiny tokenizer's 345
+IDS = torch.tensor([[2, 17, 5, 40, 8, 1, 120]])  # any ids of the tiny tokenizer's 615
 
 
 def shapes_images() -> list[Image.Image]:
