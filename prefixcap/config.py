@@ -112,8 +112,11 @@ class LanguageConfig(Section):
     r: int = Field(8, ge=1, le=256)  # LoRA rank on the decoder's attention layers
     mlp_r: int = Field(4, ge=0, le=256)  # LoRA rank on its MLP layers; 0: attention only
     # Train the embeddings of the tokens this language's captions use (peft's trainable tokens): tokens a base decoder
-    # never produced (the tiny tokenizer's bytes of German or Russian words) have nothing learnt in them.
+    # never produced (the tiny tokenizer's German or Russian words) have nothing learnt in them.
     tokens: bool = True
+    # Start the embeddings of words the data's glossary translates (DatasetSource.glossary: "roter" -> "red") from
+    # the English words' rows, where the base's grounding in the image already points; False: from the base's rows.
+    seed_tokens: bool = True
 
     @field_validator("name")
     @classmethod

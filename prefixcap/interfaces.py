@@ -17,7 +17,7 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -394,6 +394,13 @@ class Decoder(Component, ABC):
         activate(model, [*self.__dict__.get("_base_adapters", []), *([name] if name else [])])
         self.__dict__["_language"] = name
 
+    def seed_language(self, name: str, glossary: Mapping[str, str]) -> int:
+        """Start adapter ``name``'s trainable embeddings of glossed words ({"roter": "red"}) from the English words'
+        base rows (DatasetSource.glossary); returns how many tokens were seeded. The base rows stay as they are."""
+        from prefixcap.languages import seed_tokens
+
+        return seed_tokens(self._language_model(), self.tokenizer, name, glossary)
+
     def language_parameters(self, name: str) -> list[nn.Parameter]:
         from prefixcap.languages import adapter_parameters
 
@@ -706,3 +713,9 @@ class DatasetSource(ABC):
         really changes the meaning should offer them (the shapes world parses its captions)."""
         raise NotImplementedError(f"the {type(self).__name__} data set has no hard negatives (a data set offers them "
                                   "with DatasetSource.hard_negatives)")  # fmt: skip
+
+    def glossary(self) -> dict[str, str]:
+        """Optional: words of this data's captions with the English word each translates ({"roter": "red"}). A
+        language run starts those words' token embeddings from the English word's (the base decoder's own row), so
+        an adapter begins where the base already grounds the word in the image; {}: every new token starts as it is."""
+        return {}

@@ -1,9 +1,9 @@
 """Captions in other languages: a named LoRA adapter per language on a trained, frozen system.
 
 A language adapter is peft's: LoRA on the decoder's attention and MLP layers, plus peft's trainable tokens for the
-embeddings of the tokens that language's captions use (the tiny tokenizer spells a German or Russian word in bytes
-an English model never had to produce). Adapters are injected beside the base layers (peft.inject_adapter_in_model),
-several at once; one is active per call. With none active every adapted layer is its base layer alone, so English
+embeddings of the tokens that language's captions use (the tiny tokenizer has a token for each German, French or
+Russian shapes word, which an English model only ever learnt to score low). Adapters are injected beside the base
+layers (peft.inject_adapter_in_model), several at once; one is active per call. With none active every adapted layer is its base layer alone, so English
 is the computation it was before any adapter was added, bit for bit.
 
     saved/adapters/de/adapter_config.json, adapter_model.safetensors    peft's format, one folder per language
@@ -21,7 +21,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
@@ -109,6 +109,31 @@ def activate(model: nn.Module, names: Sequence[str]) -> None:
             layer.set_adapter(mine)
     for p, flag in flags:
         p.requires_grad_(flag)
+
+
+def seed_tokens(model: nn.Module, tokenizer: Any, name: str, glossary: Mapping[str, str]) -> int:
+    """Adapter ``name``'s trainable rows of glossed words set to their English words' base rows: a row the base
+    never trained is random, while "red"'s row is where the base's grounding already points for a red shape. A word
+    or its English that is more than one token, in either spacing (caption-initial or not), is left as it is."""
+    import torch
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    source: dict[int, int] = {}
+    for word, english in glossary.items():
+        for space in ("", " "):
+            ids, english_ids = (tokenizer(space + w, add_special_tokens=False).input_ids for w in (word, english))
+            if len(ids) == 1 and len(english_ids) == 1:
+                source[ids[0]] = english_ids[0]
+    seeded: set[int] = set()
+    for layer in model.modules():
+        if isinstance(layer, TrainableTokensLayer) and not layer.tied_adapter and name in layer.trainable_tokens_delta:
+            weight, delta = layer.get_base_layer().weight, layer.trainable_tokens_delta[name]
+            with torch.no_grad():
+                for row, token in enumerate(layer.token_indices[name]):
+                    if token in source:
+                        delta[row] = weight[source[token]]
+                        seeded.add(token)
+    return len(seeded)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:

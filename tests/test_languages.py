@@ -246,3 +246,20 @@ def test_caption_command_takes_lang(german_run, tmp_path):
     assert wrong.returncode == 2 and "no 'fr' language adapter" in wrong.stderr and "it has: de" in wrong.stderr
     scored = run_cli("caption", str(result.run_dir), str(path), "--lang", "de", "--score")
     assert scored.returncode == 2 and "read English only" in scored.stderr
+
+
+def test_seeding_starts_glossed_words_from_their_english_rows_in_the_adapter_only():
+    system = trained(FULL)
+    tokenizer, decoder = system.decoder.tokenizer, system.decoder
+    ids = {w: tokenizer(w, add_special_tokens=False).input_ids for w in (" roter", " red", " Kreis", " circle", " ein")}
+    assert all(len(v) == 1 for v in ids.values()), ids  # the tiny tokenizer has each as one token
+    roter, red, kreis, circle, ein = (v[0] for v in ids.values())
+    before = decoder.embed(torch.tensor([[roter, kreis, ein, red]])).clone()
+    decoder.add_language(LanguageConfig(name="de"), token_ids=[roter, kreis, ein])
+    assert decoder.seed_language("de", {"roter": "red", "Kreis": "circle", "Haus": "house"}) == 2
+    with system.speaking("de"):
+        german = decoder.embed(torch.tensor([[roter, kreis, ein, red]]))
+    assert torch.equal(german[0, 0], before[0, 3]) and torch.equal(german[0, 3], before[0, 3])  # roter = red
+    assert torch.equal(german[0, 1], decoder.embed(torch.tensor([[circle]]))[0, 0])  # Kreis = circle
+    assert torch.equal(german[0, 2], before[0, 2])  # no gloss: its base row
+    assert torch.equal(decoder.embed(torch.tensor([[roter, kreis, ein, red]])), before)  # English: the base rows

@@ -244,6 +244,10 @@ class ShapesSource(DatasetSource):
         return [(word, (x0, y0, x1 + 1, y1 + 1))  # inclusive pixels -> edges
                 for word, (x0, y0, x1, y1) in ((w, boxes[pos]) for w, pos in placed)]  # fmt: skip
 
+    def glossary(self) -> dict[str, str]:
+        other = grammar(self.options.language)
+        return {} if other is None else other.glossary()
+
     def hard_negatives(self, split: str, index: int) -> list[str]:
         """Minimal edits of example ``index``'s first reference, each checked to state another scene (see
         ``hard_negatives``): what `prefixcap bench`'s hard-negative test puts against the true caption."""

@@ -101,6 +101,27 @@ class Grammar:
         order = self.forms.get(self._noun_phrase.sub(take, self.normalise(text)))
         return None if order is None else (shapes, order)
 
+    def glossary(self) -> dict[str, str]:
+        """Each word of this language's noun phrases that names one colour, kind or size, with that English word
+        ("roter": "red", "Dreieck": "triangle", "маленького": "small"). A word is glossed with the one attribute every
+        shape whose phrases use it shares ("Kreis": circle; "ein", used by every shape, is not glossed); where it
+        shares two, as "roter" (only red circles), one the phrase names with another word (Kreis) is not its own."""
+        phrases = [(tuple(self.phrase(shape, case).split()), {a for a in shape if a})
+                   for shape in itertools.product(_COLOURS, _KINDS, (None, *_SIZES)) for case in self.cases]  # fmt: skip
+        shared: dict[str, set[str]] = {}
+        for words, attributes in phrases:
+            for word in words:
+                shared[word] = shared[word] & attributes if word in shared else set(attributes)
+        pure = {word: next(iter(values)) for word, values in shared.items() if len(values) == 1}
+        glossary = dict(pure)
+        for word, values in shared.items():
+            if len(values) > 1:
+                own = {v for v in values if not all(any(pure.get(other) == v for other in words if other != word)
+                                                    for words, _ in phrases if word in words)}  # fmt: skip
+                if len(own) == 1:
+                    glossary[word] = own.pop()
+        return glossary
+
     def is_noun(self, word: str) -> bool:
         """Whether a caption's word (punctuation and all) is a shape noun, in any case."""
         return self.normalise(word).replace(" ", "") in self.nouns

@@ -167,8 +167,8 @@ def start_from_base(recipe: Any) -> tuple[Any, Any]:
         raise RunError(f"{recipe.location(('language', 'name'))}: {saved} has a {name!r} adapter already; "
                                "start from a system without one (its base)")  # fmt: skip
     tokens: list[int] = []
+    source = create("dataset", resolved.data.name, resolved.data.options)
     if resolved.language.tokens:
-        source = create("dataset", resolved.data.name, resolved.data.options)
         rows = source.rows("train")
         captions = ((c for i in range(len(rows)) for c in rows.captions(i)) if rows is not None
                     else (c for example in source.examples("train") for c in example.captions))  # fmt: skip
@@ -178,7 +178,10 @@ def start_from_base(recipe: Any) -> tuple[Any, Any]:
     with torch.random.fork_rng():  # LoRA's random A matrices: the same for the same seed, whatever ran before
         torch.manual_seed(resolved.train.seed)
         system.decoder.add_language(resolved.language, tokens)
+    info: dict[str, Any] = {"base": str(saved)}
+    if tokens and resolved.language.seed_tokens and (glossary := source.glossary()):
+        info["seeded_tokens"] = system.decoder.seed_language(name, glossary)
     system.decoder.set_language(name)
-    system.language_info = {**getattr(system, "language_info", {}), name: {"base": str(saved)}}
+    system.language_info = {**getattr(system, "language_info", {}), name: info}
     system.train()
     return resolved, system
