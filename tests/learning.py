@@ -13,8 +13,10 @@ from conftest import QUICKSTART_SHORT
 
 # Exact scenes, held out, after 300 steps. 0.85 until the shapes encoder was retrained on the world's own pretrain
 # stream (the first one had seen 386 pictures of seed 0's training split): measured 91.5% then, 83.5% after, 81%
-# since the recipes train itc (with blank images), and still 100% after the quickstart's 2,000 steps.
-QUICKSTART_ACCURACY = 0.78
+# since the recipes train itc (with blank images), 74.5% since the tiny tokenizer has German, French and Russian
+# words too (615 tokens, not 345: another random init, and 270 more tokens to learn to rule out), and still 100% after
+# the quickstart's 2,000 steps.
+QUICKSTART_ACCURACY = 0.70
 CROSSATTN_ACCURACY = 0.65  # the baseline learns more slowly on this world (72.5% here; README: 96% after 2,000 steps)
 CONTROL_ACCURACY = 0.05  # chance of stating a scene exactly without looking is far below this
 CONTROL_LOSS_RATIO = 3.0  # the control's held-out loss is at least this many times the real run's

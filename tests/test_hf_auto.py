@@ -30,7 +30,7 @@ def saved(tmp_path_factory) -> tuple[Path, list[str]]:
     """A tiny prefix system trained until it tells the three images apart, saved; and prefixcap.load's captions."""
     torch.manual_seed(0)
     system = compose(TINY)
-    fit_batch(system, IMAGES, CAPTIONS, 40)
+    fit_batch(system, IMAGES, CAPTIONS, 80)
     final = system.save(tmp_path_factory.mktemp("hf") / "final")
     captions = prefixcap.load(final).caption(IMAGES)  # persist reads manifest.json and ignores config.json
     assert captions == system.caption(IMAGES)

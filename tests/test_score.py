@@ -95,7 +95,7 @@ def test_the_crossattn_system_scores_with_both_kinds_too():
     torch.manual_seed(0)
     system = compose({"system": {"name": "crossattn", "encoder": "tiny", "decoder": "tiny"},
                       "losses": [{"name": "caption-ce"}, {"name": "itc", "dim": 16}]})  # fmt: skip
-    fit_batch(system, IMAGES, CAPTIONS, 100)
+    fit_batch(system, IMAGES, CAPTIONS, 150)
     scores = system.score(IMAGES, CAPTIONS)
     assert (scores.generative.argmax(1) == np.arange(3)).all(), scores.generative
     assert (scores.contrastive.argmax(1) == np.arange(3)).all(), scores.contrastive
