@@ -11,6 +11,15 @@
 Importing prefixcap does not import torch; building a system does.
 """
 
+import os as _os
+
+# Before torch loads OpenMP, which reads this once. OpenMP's threads spin while they wait for each other; beside another
+# busy process a spinning thread holds the core that the thread it waits for needs. On 2 cores the quickstart trained
+# at 0.32x its speed alone beside one busy process and 0.16x beside a second run; waiting passively, 0.69x and 0.73x,
+# for 9% less alone (benchmarks/threads.py). A choice the user made, either variable set, stands.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 from prefixcap.compose import compose, validate
 from prefixcap.errors import (CompositionError, PluginError, PrefixcapError, RecipeError, SavedSystemError,
                               UnknownComponentError)
