@@ -3,7 +3,8 @@ takes a GenerateConfig) without importing the recipe machinery, the registry or 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -103,6 +104,11 @@ class OutputConfig(Section):
 
 # A BCP 47-like tag, lower case: "de", "fr", "ru", "pt-br". It names a folder, so nothing else gets through.
 LANGUAGE_TAG = r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$"
+
+
+def is_language_tag(name: Any) -> bool:
+    """Whether ``name`` can name a language adapter: a tag, and not "en" (the base system's own language)."""
+    return isinstance(name, str) and re.match(LANGUAGE_TAG, name) is not None and name != "en"
 
 
 class LanguageConfig(Section):

@@ -3,8 +3,8 @@
 A language adapter is peft's: LoRA on the decoder's attention and MLP layers, plus peft's trainable tokens for the
 embeddings of the tokens that language's captions use (the tiny tokenizer has a token for each German, French or
 Russian shapes word, which an English model only ever learnt to score low). Adapters are injected beside the base
-layers (peft.inject_adapter_in_model), several at once; one is active per call. With none active every adapted layer is its base layer alone, so English
-is the computation it was before any adapter was added, bit for bit.
+layers (peft.inject_adapter_in_model), several at once; one is active per call. With none active every adapted layer
+is its base layer alone, so English is the computation it was before any adapter was added, bit for bit.
 
     saved/adapters/de/adapter_config.json, adapter_model.safetensors    peft's format, one folder per language
     saved/manifest.json  "languages": {"de": {"parameters": ..., "share": ..., "metrics": {...}}}
@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from prefixcap.config import LANGUAGE_TAG as LANGUAGE_TAG_PATTERN
+from prefixcap.config import is_language_tag
 from prefixcap.errors import CompositionError, SavedSystemError
 
-LANGUAGE_TAG = re.compile(LANGUAGE_TAG_PATTERN)
 ENGLISH = "en"  # the base system's own language: no adapter
 MLP_HINTS = ("MLP", "FeedForward", "Mlp")  # transformers' MLP modules: LlamaMLP, PhiMLP, GPT2MLP, ...
 
 
 def check_tag(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not LANGUAGE_TAG.match(name) or name == ENGLISH:
+    if not is_language_tag(name):
         raise CompositionError(f"{where}: language {name!r} is no language tag like de, fr, ru or pt-br (and en is "
                                "the base system itself, no adapter)")  # fmt: skip
     return name

@@ -22,7 +22,6 @@ Each component writes and reads its own tensors (prefixcap.weights); the directo
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from prefixcap import checkpoints
 from prefixcap.card import card_name, system_card, write_card
-from prefixcap.config import LANGUAGE_TAG
+from prefixcap.config import is_language_tag
 from prefixcap.errors import RecipeError, SavedSystemError
 from prefixcap.files import publish_dir, temporary_sibling
 from prefixcap.hf_config import write_hf_config
@@ -247,7 +246,7 @@ def load_languages(system: Any, directory: Path, languages: Any) -> None:
         raise SavedSystemError(f"{directory}: the manifest's languages must map each language to its entry")
     decoder = getattr(system, "decoder", None)
     for name, entry in languages.items():
-        if not isinstance(name, str) or not re.match(LANGUAGE_TAG, name) or name == "en" or not isinstance(entry, dict):
+        if not is_language_tag(name) or not isinstance(entry, dict):
             raise SavedSystemError(f"{directory}: the manifest lists language {name!r}, which is no language tag "
                                    "with an entry (de, fr, ru, pt-br)")  # fmt: skip
         _listed_files(directory, {f"adapters/{name}": entry.get("files")} if isinstance(entry.get("files"), list)

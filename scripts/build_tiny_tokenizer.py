@@ -3,8 +3,8 @@
 Byte-level BPE whose merges are learnt from every caption the shapes world writes (see prefixcap/decoders/tokenizer.py
 for why): first from the English captions, then, appended after those, from the words of its other languages
 (German, French, Russian), so that a caption costs one token per word in each and English is tokenized exactly as
-before the languages came. prefixcap itself only reads the shipped file; it is built here, outside the package, because building it
-needs the shapes world's words, and a decoder component must not import a dataset. Trained models depend on its ids:
+before the languages came. prefixcap itself only reads the shipped file; it is built here, outside the package,
+because building it needs the shapes world's words, and a decoder component must not import a dataset. Trained models depend on its ids:
 a change to the corpus or the trainer must come with a new file (tests/decoders/test_tiny.py rebuilds it and
 compares).
 
@@ -54,7 +54,7 @@ def with_words(tok: Tokenizer, words: Counter[str]) -> Tokenizer:
     of ``tok``'s corpus is already one token, so no text of that corpus is tokenized differently; ids are appended."""
     data = json.loads(tok.to_str())
     vocab, merges = data["model"]["vocab"], [tuple(m) for m in data["model"]["merges"]]
-    pieces = {word: _bpe(word, {m: i for i, m in enumerate(merges)}) for word in words}
+    pieces = {word: [token.value for token in tok.model.tokenize(word)] for word in words}
     while True:
         pairs = Counter()
         for word, parts in pieces.items():
@@ -72,17 +72,6 @@ def with_words(tok: Tokenizer, words: Counter[str]) -> Tokenizer:
         if len(extended.model.tokenize(word)) != 1:
             raise RuntimeError(f"{word!r} is not one token of the extended tokenizer")
     return extended
-
-
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """``word``'s pieces under merges ranked by ``ranks``, as tokenizers' BPE model makes them: best-ranked first."""
-    parts = list(word)
-    while len(parts) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
-        if rank == len(ranks):
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts
 
 
 def _merge(parts: Iterable[str], pair: tuple[str, str]) -> list[str]:

@@ -165,7 +165,7 @@ def start_from_base(recipe: Any) -> tuple[Any, Any]:
     name = resolved.language.name
     if name in system.languages:
         raise RunError(f"{recipe.location(('language', 'name'))}: {saved} has a {name!r} adapter already; "
-                               "start from a system without one (its base)")  # fmt: skip
+                       "start from a system without one (its base)")  # fmt: skip
     tokens: list[int] = []
     source = create("dataset", resolved.data.name, resolved.data.options)
     if resolved.language.tokens:

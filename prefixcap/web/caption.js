@@ -51,14 +51,14 @@ export class Captioner {
     this.tokens = manifest.tokens;
     this.skip = new Set(table.skip);
     this.sessions = preloaded; // graph name -> its session, once loaded
-    this.loading = new Map(); // graph name -> the promise of its session
+    // graph name -> the promise of its session (a preloaded one's is already settled)
+    this.loading = new Map(Object.entries(preloaded).map(([name, session]) => [name, Promise.resolve(session)]));
     this.caches = new Map(); // step graph name -> its cache (cacheOf)
     this.lang = 'en'; // the language captions are written in unless a call says otherwise
   }
 
   // The graph's onnxruntime session, created on the first call (later calls share it; a failed load is tried again).
   session(name) {
-    if (!this.loading.has(name) && this.sessions[name]) this.loading.set(name, Promise.resolve(this.sessions[name]));
     if (!this.loading.has(name)) {
       const { graph, data } = this.files.get(name);
       const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'all' }; // onnxruntime's default
