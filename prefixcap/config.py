@@ -34,6 +34,10 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
+    # The system's forward and backward through torch.compile: the same losses (tests/training/test_compile.py) for
+    # a compile of seconds (quickstart) to minutes (real sizes) at the start. Off by default: measured on the CPU it
+    # did not pay (benchmarks/README.md, compiled training); on a GPU run benchmarks/gpu_suite.sh and choose.
+    compile: bool = False
     # The share of training examples shown a blank image (zeros after normalisation) instead of their own, as
     # classifier-free guidance trains its unconditional model: the system then learns what it expects with nothing to
     # look at, which the generative score subtracts (prefixcap/score.py). Never shown to a contrastive loss.
@@ -92,6 +96,10 @@ class GenerateConfig(Section):
     # Greedy search through prefixcap.decoding's loop instead of transformers' generate: the same ids, without
     # generate's per-step machinery (prefix systems; beams and sampling always go through generate).
     fast: bool = True
+    # The fast loop's steps through torch.compile with a static KV cache: the same ids; pays where a step's kernel
+    # launches and Python cost more than its arithmetic (a GPU, small batches), after a compile of seconds to minutes.
+    # Off by default: on the CPU it measured slower (benchmarks/README.md, compiled decoding).
+    compile: bool = False
 
 
 class OutputConfig(Section):

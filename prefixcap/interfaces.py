@@ -542,7 +542,8 @@ class System(nn.Module, ABC):
         return list(self.losses)
 
     def compute_loss(self, outputs: SystemOutput, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """The losses of outputs already computed (a trainer calls the, possibly wrapped, forward itself)."""
+        """The losses of outputs already computed (a trainer calls the, possibly wrapped, forward itself), and each
+        loss's value."""
         total, parts = None, {}
         for loss in self.training_losses():
             value = loss(outputs, batch)
@@ -551,6 +552,16 @@ class System(nn.Module, ABC):
         if total is None:
             raise RuntimeError("this system has no losses to train on")
         return total, parts
+
+    def total_loss(self, outputs: SystemOutput, batch: Batch) -> Tensor:
+        """compute_loss's total alone: no value is read back to the host, which would wait for a GPU every step."""
+        total = None
+        for loss in self.training_losses():
+            value = loss(outputs, batch) * loss.weight
+            total = value if total is None else total + value
+        if total is None:
+            raise RuntimeError("this system has no losses to train on")
+        return total
 
     def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
         """(input_ids, attention_mask, labels) for captions; see Decoder.tokenize."""

@@ -72,3 +72,30 @@ def test_the_fast_path_is_on_by_default_and_changes_no_caption_or_metric(tmp_pat
     off, _ = evaluate(quickstart, source, split, recipe.model_copy(
         update={"generate": recipe.generate.model_copy(update={"fast": False})}))
     assert on == off
+
+
+def fitted_crossattn():
+    torch.manual_seed(0)
+    system = compose({"system": {"name": "crossattn", "encoder": "tiny", "decoder": "tiny"}})
+    fit_batch(system, IMAGES, CAPTIONS, 40, lr=3e-3)
+    return system
+
+
+@pytest.mark.parametrize("make", [lambda: fitted("full"), fitted_crossattn], ids=["prefix", "crossattn"])
+def test_fast_and_compiled_decoding_write_generates_captions_in_both_systems(make):
+    """The fast loop (the cross-attention system's too, reading the image's keys and values from the cache) and its
+    compiled form on a static cache write transformers' generate's captions, rows ending at different steps."""
+    system = make().eval()
+    pixels = torch.stack(list(system.encoder.preprocess(IMAGES)))
+    reference = system.generate(pixels, GenerateConfig(max_new_tokens=12, fast=False))
+    assert reference == CAPTIONS  # learnt, so the rows really end at different steps
+    assert system.generate(pixels, GenerateConfig(max_new_tokens=12)) == reference
+    compiled = GenerateConfig(max_new_tokens=12, compile=True)
+    assert system.generate(pixels, compiled) == reference
+    assert system.generate(pixels[:1], compiled) == reference[:1]  # another batch size: compiled again, same words
+
+
+def test_a_compiled_step_needs_the_static_cache():
+    system = fitted("full")
+    with pytest.raises(ValueError, match="static"):
+        greedy(system.decoder.model, torch.zeros(1, 2, 128), max_new_tokens=2, eos_id=None, pad_id=0, compile=True)

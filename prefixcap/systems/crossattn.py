@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import constants
 
 from prefixcap.checkpoints import TINY, fetch, load_config, resolve
+from prefixcap.decoding import greedy
 from prefixcap.decoders import TinySizes
 from prefixcap.decoders.tokenizer import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer, tiny_vocab_size
 from prefixcap.errors import CompositionError
@@ -307,11 +308,20 @@ class CrossAttnSystem(System):
 
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
+        dec = self.decoder
+        if config.fast and config.num_beams == 1 and not config.do_sample and config.repetition_penalty == 1:
+            # prefixcap's greedy loop: generate's ids token for token (tests/test_decoding.py), without its per-step
+            # machinery; the blocks' cross-attention keys and values are computed at the first step and cached.
+            memory = self.visual_tokens(pixel_values)  # (B, N, H), projected as the pair's generate projects it
+            start = torch.full((memory.shape[0], 1), dec.start_id, dtype=torch.long, device=memory.device)
+            ids = greedy(dec.model, dec.model.get_input_embeddings()(start), max_new_tokens=config.max_new_tokens,
+                         eos_id=dec.eos_id, pad_id=dec.pad_id, cache="static" if config.compile else "dynamic",
+                         compile=config.compile, encoder_hidden_states=memory)  # fmt: skip
+            return [t.strip() for t in dec.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         memory = self.encoder(pixel_values)  # (B, N, D)
         sampling = {}
         if config.do_sample:  # greedy unless asked: alt text should not change from one run to the next
             sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-        dec = self.decoder
         ids = self.hf_model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=memory), max_new_tokens=config.max_new_tokens,
             num_beams=config.num_beams, do_sample=config.do_sample, repetition_penalty=config.repetition_penalty,

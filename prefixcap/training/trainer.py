@@ -107,6 +107,10 @@ class Run:
                            "its image could not be read)")  # fmt: skip
         self.optimizer, self.scheduler = make_optimizer(self.system, recipe)
         self.model, self.optimizer = self.accelerator.prepare(self.system, self.optimizer)
+        # train.compile: the system's forward through torch.compile (backward too: AOTAutograd traces it). The
+        # losses stay eager: clip-align reads caption text, which a graph would have to be recompiled for. The
+        # wrapper is kept beside the model, so saving and loading see the module's own names.
+        self.forward = torch.compile(self.model) if t.compile else self.model
         self.step = 0
         self.train_seconds = 0.0  # in training steps only: evaluation and checkpoints are not counted
         self.step_times: list[tuple[float, float]] = []  # (data s, compute s) of each step this process took
@@ -214,8 +218,8 @@ class Run:
             data_s += time.perf_counter() - tic
             with self.accelerator.accumulate(self.model), self.trains_only():
                 with self.autocast():
-                    outputs = self.model(batch)
-                    loss, _ = self.system.compute_loss(outputs, batch)
+                    outputs = self.forward(batch)
+                    loss = self.system.total_loss(outputs, batch)
                 loss, batch_loss = global_token_mean(self.accelerator, loss, outputs.labels)
                 if not math.isfinite(batch_loss):
                     last = latest_checkpoint(self.run_dir)
