@@ -1,7 +1,9 @@
 """Greedy decoding speed: transformers' ``generate`` against prefixcap's own loop (prefixcap.decoding.greedy, with a
-dynamic and a static KV cache), on one prefix system, per batch size; and whether all three write the same ids.
+dynamic and a static KV cache, and with ``--compile`` the static one's steps compiled, as ``generate.compile: true``
+runs them), on one prefix system, per batch size; and whether all of them write the same ids.
 
     python benchmarks/decode_loop.py [SOURCE] [--batch-sizes 1 64] [--new-tokens 24] [--repeats 7] [--threads 1]
+                                     [--compile]
 
 SOURCE is a run directory or a saved system; without it, the quickstart recipe's system as composed (shapes-trained
 encoder, random decoder). Each measurement is the decode only (prefill of the prefix + prompt embeddings, then one
@@ -41,6 +43,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also the compiled static-cache loop")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,10 +65,21 @@ def main() -> int:
                                                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                                cache="static"),
         }  # fmt: skip
-        ids = {name: run() for name, run in loops.items()}  # also the warm-up
+        if args.compile:
+            loops["prefixcap-compiled"] = lambda: greedy(decoder.model, inputs, max_new_tokens=args.new_tokens,
+                                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                                         cache="static", compile=True)  # fmt: skip
+        started = {}
+        ids = {}
+        for name, run in loops.items():  # also the warm-up, and the compile of a compiled loop
+            tic = time.perf_counter()
+            ids[name] = run()
+            started[name] = time.perf_counter() - tic
         same = all(torch.equal(ids["generate"], v) for v in ids.values())
         ok &= same
         row = {"batch_size": batch, "new_tokens": ids["generate"].shape[1], "ids_identical": same}
+        if args.compile:
+            row["compile_s"] = round(started["prefixcap-compiled"], 2)  # the first call, compilation included
         # interleaved, so that a slow spell of the machine hits every loop alike
         seconds: dict[str, list[float]] = {name: [] for name in loops}
         for _ in range(args.repeats):
