@@ -1,15 +1,24 @@
-"""Training and generation cost of the prefix system and the cross-attention baseline at their real sizes.
+"""Training and generation cost of the prefix system, with three prefix lengths, against the cross-attention baseline.
 
-    prefix     recipes/siglip-smollm135.yaml          SigLIP-B/16 (frozen) + linear + SmolLM-135M, LoRA r16 q,k,v,o
-    crossattn  recipes/crossattn-vit-distilgpt2.yaml  ViT-B/16 (frozen), cross-attended by distilgpt2 trained whole
+    --scale real (default)
+    prefix-196  recipes/siglip-smollm135.yaml          SigLIP-B/16 (frozen) + linear + SmolLM-135M, LoRA r16 q,k,v,o
+    prefix-49   the same, its 196 tokens pooled 2x2 by pixel-shuffle before the linear projection
+    prefix-32   the same, read by qformer-lite's 32 learned queries
+    crossattn   recipes/crossattn-vit-distilgpt2.yaml  ViT-B/16 (frozen), cross-attended by distilgpt2 trained whole
 
-Both are built by prefixcap's own compose() with random weights (``weights="random"``): cost does not depend on the
-weights' values, and nothing is downloaded. Per system and batch size it measures training samples/s (AdamW steps,
-pixels in, and again from cached encoder features), the peak memory of training, greedy generation images/s (pixels
-in, exactly 30 new tokens) and parameter counts, and writes them with the machine and git revision as JSON.
+    --scale quickstart: recipes/quickstart.yaml with 64 / 16 / 8 prefix tokens, and recipes/quickstart-crossattn.yaml
 
-    python benchmarks/real_sizes.py [--batch-sizes 64,256] [--steps 20] [--warmup 3] [--systems prefix,crossattn]
-                                    [--device cuda|cpu] [--precision auto|fp32|bf16] [--out PATH]
+Every system is built by prefixcap's own compose() with random weights (``weights="random"``): cost does not depend
+on the weights' values, and nothing is downloaded. Each runs in a process of its own, so that its peak memory is its
+own. Per system: training samples/s per batch size (AdamW steps, pixels in, and again from cached encoder features),
+the peak memory of training, greedy decoding through prefixcap's loop (prefixcap/decoding.py, pixels in, exactly 30
+new tokens) as images/s and ms per batch, and parameter counts. ``--compile`` measures the compiled forms instead:
+the training forward through torch.compile (as ``train.compile: true``) and the decoding steps compiled on a static
+cache (as ``generate.compile: true``), with the seconds the first call took.
+
+    python benchmarks/real_sizes.py [--scale real|quickstart] [--systems prefix-196,prefix-49,prefix-32,crossattn]
+        [--batch-sizes 64,256] [--generate-batch-sizes 1,64,256] [--steps 20] [--warmup 3] [--compile]
+        [--device cuda|cpu] [--precision auto|fp32|bf16] [--out PATH]
 
 Figures only, no target: it exits 0 whenever it wrote its results (a cell that ran out of memory holds the error).
 """
@@ -21,6 +30,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,25 +44,41 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import Tensor  # noqa: E402
-from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 from prefixcap.bench import peak_memory  # noqa: E402
 from prefixcap.bench_report import git_revision, machine  # noqa: E402
 from prefixcap.compose import compose  # noqa: E402
+from prefixcap.decoding import greedy  # noqa: E402
 from prefixcap.interfaces import Batch, System  # noqa: E402
 from prefixcap.systems.crossattn import CrossAttnSystem  # noqa: E402
 from prefixcap.systems.prefix import PrefixSystem  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = {"prefix": "recipes/siglip-smollm135.yaml", "crossattn": "recipes/crossattn-vit-distilgpt2.yaml"}
+# scale -> system -> (recipe, connector section replacing the recipe's, or None to keep it)
+SYSTEMS: dict[str, dict[str, tuple[str, dict[str, Any] | None]]] = {
+    "real": {
+        "prefix-196": ("recipes/siglip-smollm135.yaml", None),
+        "prefix-49": ("recipes/siglip-smollm135.yaml", {"name": "linear", "pool": "pixel-shuffle", "factor": 2,
+                                                        "lr": 3.0e-4}),
+        "prefix-32": ("recipes/siglip-smollm135.yaml", {"name": "qformer-lite", "queries": 32, "lr": 3.0e-4}),
+        "crossattn": ("recipes/crossattn-vit-distilgpt2.yaml", None),
+    },
+    "quickstart": {
+        "prefix-64": ("recipes/quickstart.yaml", {"name": "mlp", "hidden": 512, "dropout": 0.0}),
+        "prefix-16": ("recipes/quickstart.yaml", None),
+        "prefix-8": ("recipes/quickstart.yaml", {"name": "qformer-lite", "queries": 8, "width": 128}),
+        "crossattn": ("recipes/quickstart-crossattn.yaml", None),
+    },
+}
 CAPTION_TOKENS = 32
 NEW_TOKENS = 30
-MIB = 2**20
-FIGURES_NOTE = ("batch size / median time of a step after warm-up; training: AdamW over the trainable parameters "
-                "with the recipe's learning rates and gradient clipping, autocast at the precision above; generation: "
-                "greedy, pixels in, token ids out, same autocast")  # fmt: skip
+FIGURES_NOTE = ("batch size / median time of a call after warm-up; training: AdamW over the trainable parameters "
+                "with the recipe's learning rates and gradient clipping, autocast at the precision above; decoding: "
+                "greedy through prefixcap.decoding.greedy, pixels in, token ids out, exactly new_tokens tokens, same "
+                "autocast; compile_s: the first call, compilation included (compiled forms only)")  # fmt: skip
 CUDA_MEMORY_NOTE = "torch.cuda.max_memory_allocated over warm-up and timed steps"
-CPU_MEMORY_NOTE = "peak RSS of the whole process (weights included), sampled from /proc/self/statm every 10 ms (prefixcap.bench.peak_memory)"
+CPU_MEMORY_NOTE = ("peak RSS of the system's own process (weights included), sampled from /proc/self/statm every "
+                   "10 ms (prefixcap.bench.peak_memory)")  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -60,21 +86,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: Callable[[], object], batch_size: int, unit: str, args: argparse.Namespace,
+def measure(call: Callable[[], object], batch_size: int, unit: str, args: argparse.Namespace,
             device: torch.device) -> dict[str, float]:  # fmt: skip
     """Median over ``args.steps`` timed calls after ``args.warmup`` untimed ones, and the peak memory of all."""
-    times = []
+    times, first = [], 0.0
     with peak_memory(device.type) as memory:
         for i in range(args.warmup + args.steps):
             sync(device)
             start = time.perf_counter()
-            step()
+            call()
             sync(device)
+            if i == 0:
+                first = time.perf_counter() - start
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {unit: round(batch_size / median, 3), "median_step_s": round(median, 5),
-            "peak_memory_mib": round(memory["mb"], 1)}  # fmt: skip
+    result = {unit: round(batch_size / median, 3), "median_ms": round(median * 1000, 2),
+              "peak_memory_mib": round(memory["mb"], 1)}  # fmt: skip
+    if args.compile:
+        result["compile_s"] = round(first, 2)
+    return result
 
 
 def random_batch(system: System, batch_size: int, device: torch.device, features: bool) -> Batch:
@@ -82,8 +113,7 @@ def random_batch(system: System, batch_size: int, device: torch.device, features
     so the ids are drawn here rather than tokenized."""
     vocab = system.decoder.model.get_input_embeddings().num_embeddings
     ids = torch.randint(vocab, (batch_size, CAPTION_TOKENS), device=device)
-    size = system.encoder.image_processor.size
-    pixels = torch.randn(batch_size, 3, size, size, device=device)
+    pixels = random_pixels(system, batch_size, device)
     cached = None
     if features:
         with torch.no_grad():  # as the feature cache computes them: once, fp32, outside training
@@ -92,16 +122,23 @@ def random_batch(system: System, batch_size: int, device: torch.device, features
     return Batch(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, features=cached)
 
 
-def train_step(system: System, batch: Batch, autocast: Callable[[], Any]) -> Callable[[], None]:
-    """One optimiser step as prefixcap.training takes it: autocast forward and loss, backward, clipping, AdamW."""
+def random_pixels(system: System, batch_size: int, device: torch.device) -> Tensor:
+    size = system.encoder.image_processor.size
+    return torch.randn(batch_size, 3, size, size, device=device)
+
+
+def train_step(system: System, batch: Batch, autocast: Callable[[], Any], compiled: bool) -> Callable[[], None]:
+    """One optimiser step as prefixcap.training takes it: autocast forward (compiled as ``train.compile`` compiles
+    it) and losses, backward, clipping, AdamW."""
     train = system.recipe.train
     groups = system.param_groups()
     optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr or train.lr} for g in groups])
     params = [p for g in groups for p in g.params]
+    forward = torch.compile(system) if compiled else system
 
     def step() -> None:
         with autocast():
-            loss, _ = system.loss(batch)
+            loss = system.total_loss(forward(batch), batch)
         loss.backward()
         if train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
@@ -112,15 +149,16 @@ def train_step(system: System, batch: Batch, autocast: Callable[[], Any]) -> Cal
 
 
 @torch.inference_mode()
-def generate_ids(system: System, pixels: Tensor) -> Tensor:
-    """Each system's own generate() up to the token ids, with what needs a tokenizer (prompt text, decoding to text)
-    left out, and exactly NEW_TOKENS new tokens for every system (EOS is never allowed earlier)."""
-    forced = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
+def generate_ids(system: System, pixels: Tensor, compiled: bool) -> Tensor:
+    """Each system's greedy decoding through prefixcap's loop up to the token ids, with what needs a tokenizer
+    (prompt text, decoding to text) left out; no EOS, so exactly NEW_TOKENS new tokens for every system."""
+    cache = dict(cache="static", compile=True) if compiled else dict(cache="dynamic")
     if isinstance(system, CrossAttnSystem):
         dec = system.decoder
-        ids = system.hf_model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=system.encoder(pixels)),
-                                       decoder_start_token_id=dec.start_id, eos_token_id=dec.eos_id,
-                                       pad_token_id=dec.pad_id, **forced)[:, 1:]  # fmt: skip
+        memory = system.visual_tokens(pixels)  # (B, N, H)
+        start = torch.full((pixels.shape[0], 1), dec.start_id, dtype=torch.long, device=pixels.device)
+        ids = greedy(dec.model, dec.model.get_input_embeddings()(start), max_new_tokens=NEW_TOKENS, eos_id=None,
+                     pad_id=dec.pad_id, encoder_hidden_states=memory, **cache)  # fmt: skip
     elif isinstance(system, PrefixSystem):
         decoder = system.decoder
         if decoder.options.prompt:
@@ -130,10 +168,7 @@ def generate_ids(system: System, pixels: Tensor) -> Tensor:
         prefix = system.prefix(pixels)  # (B, K, H)
         prompt = decoder.embed(prompt.to(prefix.device)[None].expand(prefix.shape[0], -1))  # (B, P, H)
         inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
-        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        eos = decoder.config.eos_token_id
-        ids = decoder.model.generate(inputs_embeds=inputs, attention_mask=mask, eos_token_id=eos, pad_token_id=eos,
-                                     **forced)  # fmt: skip
+        ids = greedy(decoder.model, inputs, max_new_tokens=NEW_TOKENS, eos_id=None, pad_id=0, **cache)
     else:
         raise TypeError(f"no generation path for {type(system).__name__}")
     if ids.shape[1] != NEW_TOKENS:
@@ -168,8 +203,11 @@ def precision_for(requested: str, recipe_precision: str, device: torch.device) -
 
 
 def bench_system(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One system's figures, in this process."""
+    recipe, connector = SYSTEMS[args.scale][name]
     torch.manual_seed(0)
-    system = compose(REPO / RECIPES[name], weights="random").to(device)
+    parts = {"connector": connector} if connector else {}
+    system = compose(REPO / recipe, weights="random", **parts).to(device)
     total, trainable = system.parameter_counts()
     precision = precision_for(args.precision, system.recipe.train.precision, device)
 
@@ -179,49 +217,70 @@ def bench_system(name: str, args: argparse.Namespace, device: torch.device) -> d
     def train(batch_size: int, features: bool) -> dict[str, float]:
         system.train()
         batch = random_batch(system, batch_size, device, features)
-        return measure(train_step(system, batch, autocast), batch_size, "samples_per_s", args, device)
+        return measure(train_step(system, batch, autocast, args.compile), batch_size, "samples_per_s", args, device)
 
     def generate(batch_size: int) -> dict[str, float]:
         system.eval()
-        size = system.encoder.image_processor.size
-        pixels = torch.randn(batch_size, 3, size, size, device=device)
+        pixels = random_pixels(system, batch_size, device)
 
-        def step() -> None:
+        def call() -> None:
             with autocast():
-                generate_ids(system, pixels)
+                generate_ids(system, pixels, args.compile)
 
-        return measure(step, batch_size, "images_per_s", args, device)
+        return measure(call, batch_size, "images_per_s", args, device)
 
-    cells = {}
+    train_cells = {}
     for bs in args.batch_sizes:
-        print(f"{name}: batch size {bs}", file=sys.stderr)
-        cells[str(bs)] = {
-            "train_pixels": attempt(lambda: train(bs, features=False), system, device),
-            "train_features": (attempt(lambda: train(bs, features=True), system, device) if system.accepts_features
-                               else {"error": "this system does not train from cached features"}),
-            "generate": attempt(lambda: generate(bs), system, device),
+        print(f"{name}: training at batch size {bs}", file=sys.stderr)
+        train_cells[str(bs)] = {
+            "pixels": attempt(lambda: train(bs, features=False), system, device),
+            "features": (attempt(lambda: train(bs, features=True), system, device) if system.accepts_features
+                         else {"error": "this system does not train from cached features"}),
         }  # fmt: skip
-    return {"recipe": RECIPES[name], "precision": precision, "params_total": total, "params_trainable": trainable,
-            "batch_sizes": cells}  # fmt: skip
+    generate_cells = {}
+    for bs in args.generate_batch_sizes:
+        print(f"{name}: decoding at batch size {bs}", file=sys.stderr)
+        generate_cells[str(bs)] = attempt(lambda: generate(bs), system, device)
+    tokens = system.connector.output_tokens(system.encoder.num_tokens) if isinstance(system, PrefixSystem) else None
+    return {"recipe": recipe, "connector": connector, "prefix_tokens": tokens, "precision": precision,
+            "params_total": total, "params_trainable": trainable, "train": train_cells,
+            "generate": generate_cells}  # fmt: skip
 
 
-FIGURES = {  # name in the ratios -> (measurement, key)
-    "train_samples_per_s": ("train_pixels", "samples_per_s"),
-    "train_features_samples_per_s": ("train_features", "samples_per_s"),
-    "train_peak_memory_mib": ("train_pixels", "peak_memory_mib"),
-    "generate_images_per_s": ("generate", "images_per_s"),
+def in_own_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """bench_system in a fresh interpreter: a CPU's peak RSS is then this system's alone (freed memory is seldom
+    handed back to the OS, so an earlier system's would count)."""
+    cmd = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+FIGURES = {  # name in the ratios -> (path in a system's result, key), at the batch sizes both were measured at
+    "train_samples_per_s": (("train", "pixels"), "samples_per_s"),
+    "train_features_samples_per_s": (("train", "features"), "samples_per_s"),
+    "train_peak_memory_mib": (("train", "pixels"), "peak_memory_mib"),
+    "generate_images_per_s": (("generate",), "images_per_s"),
 }
 
 
+def cell(result: dict[str, Any], path: tuple[str, ...], bs: str) -> dict[str, Any]:
+    found = result[path[0]].get(bs, {})
+    return found.get(path[1], {}) if len(path) > 1 else found
+
+
 def ratios(prefix: dict[str, Any], crossattn: dict[str, Any]) -> dict[str, Any]:
-    """prefix / crossattn for every figure both systems have."""
-    cells = {}
-    for bs, cell in prefix["batch_sizes"].items():
-        other = crossattn["batch_sizes"][bs]
-        cells[bs] = {f: round(cell[m][k] / other[m][k], 3) for f, (m, k) in FIGURES.items()
-                     if k in cell[m] and k in other[m]}  # fmt: skip
-    params = {key: round(prefix[key] / crossattn[key], 4) for key in ("params_total", "params_trainable")}
-    return {**params, "batch_sizes": cells}
+    """prefix / crossattn for every figure both systems have, per batch size."""
+    out: dict[str, Any] = {key: round(prefix[key] / crossattn[key], 4) for key in ("params_total", "params_trainable")}
+    sizes = sorted({*prefix["train"], *prefix["generate"]}, key=int)
+    for bs in sizes:
+        row = {}
+        for figure, (path, key) in FIGURES.items():
+            a, b = cell(prefix, path, bs).get(key), cell(crossattn, path, bs).get(key)
+            if a is not None and b is not None:
+                row[figure] = round(a / b, 3)
+        if row:
+            out.setdefault("batch_sizes", {})[bs] = row
+    return out
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -229,42 +288,61 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     mem = "peak train MiB" + (" (RSS)" if report["device"] == "cpu" else "")
-    table = Table(title=f"real sizes, random weights, on {report['device']}")
-    for column in ("system", "batch", "train samples/s", "from features", mem, "generate images/s"):
+    form = "compiled" if report["protocol"]["compiled"] else "eager"
+    table = Table(title=f"{report['protocol']['scale']} sizes, random weights, {form}, on {report['device']}")
+    for column in ("system", "batch", "train samples/s", "from features", mem, "decode images/s", "decode ms"):
         table.add_column(column, justify="left" if column == "system" else "right")
     for name, result in report["systems"].items():
-        for bs, cell in result["batch_sizes"].items():
-            values = [cell[m].get(k, "error") for m, k in FIGURES.values()]
-            table.add_row(name, bs, *map(str, values))
-    for bs, row in report.get("ratios_prefix_over_crossattn", {}).get("batch_sizes", {}).items():
-        table.add_row("prefix/crossattn", bs, *(str(row.get(f, "-")) for f in FIGURES))
-    Console().print(table)
+        for bs in sorted({*result["train"], *result["generate"]}, key=int):
+            train, gen = result["train"].get(bs, {}), result["generate"].get(bs, {})
+            table.add_row(name, bs, *(str(x) for x in (
+                train.get("pixels", {}).get("samples_per_s", "-"), train.get("features", {}).get("samples_per_s", "-"),
+                train.get("pixels", {}).get("peak_memory_mib", "-"), gen.get("images_per_s", "-"),
+                gen.get("median_ms", "-"))))  # fmt: skip
+    for name, found in report.get("ratios_over_crossattn", {}).items():
+        for bs, row in found.get("batch_sizes", {}).items():
+            table.add_row(f"{name}/crossattn", bs, *(str(row.get(f, "-")) for f in FIGURES), "")
+    Console(stderr=True).print(table)
     for name, result in report["systems"].items():
         print(f"{name}: {result['params_total']:,} parameters, {result['params_trainable']:,} trainable, "
-              f"{result['precision']}")  # fmt: skip
+              f"{result['precision']}", file=sys.stderr)  # fmt: skip
+
+
+def sizes(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
+    parser.add_argument("--scale", choices=list(SYSTEMS), default="real")
+    parser.add_argument("--systems", type=lambda s: s.split(","), default=None, help="default: all of the scale's")
+    parser.add_argument("--batch-sizes", type=sizes, default=[64, 256], help="training; empty: none")
+    parser.add_argument("--generate-batch-sizes", type=sizes, default=[1, 64, 256], help="decoding; empty: none")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--systems", type=lambda s: s.split(","), default=list(RECIPES))
+    parser.add_argument("--compile", action="store_true", help="the compiled forms (torch.compile) instead of eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: the recipes' bf16 on a CUDA device that supports it, else fp32")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/real_sizes_<device>.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/real_sizes_<device>[_compiled].json")  # fmt: skip
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this system here, print its JSON
     args = parser.parse_args()
-    unknown = set(args.systems) - set(RECIPES)
+    names = args.systems or list(SYSTEMS[args.scale])
+    unknown = set(names) - set(SYSTEMS[args.scale])
     if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(RECIPES)}")
+        parser.error(f"unknown systems {sorted(unknown)} at scale {args.scale}; choose from "
+                     f"{', '.join(SYSTEMS[args.scale])}")  # fmt: skip
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup 1 or more: the first call compiles")
     device = torch.device(args.device)
-    out = args.out or REPO / "benchmarks" / "results" / f"real_sizes_{device.type}.json"
+    if args.one:
+        print(json.dumps(bench_system(args.one, args, device)))
+        return 0
+    suffix = "_compiled" if args.compile else ""
+    out = args.out or REPO / "benchmarks" / "results" / f"real_sizes_{device.type}{suffix}.json"
 
-    systems = {}
-    for name in args.systems:
-        systems[name] = bench_system(name, args, device)
-        gc.collect()  # one system in memory at a time: the CPU figure is the whole process's RSS
+    systems = {name: in_own_process(name, args) for name in names}
     report: dict[str, Any] = {
         "benchmark": "real_sizes",
         "date": time.strftime("%Y-%m-%d"),
@@ -273,8 +351,9 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "git_revision": git_revision(),
         "protocol": {
+            "scale": args.scale,
+            "compiled": args.compile,
             "weights": "random, compose(recipe, weights='random') after torch.manual_seed(0)",
-            "precision": {name: s["precision"] for name, s in systems.items()},
             "caption_tokens": CAPTION_TOKENS,
             "new_tokens": NEW_TOKENS,
             "steps": args.steps,
@@ -284,12 +363,13 @@ def main() -> int:
         },
         "systems": systems,
     }
-    if {"prefix", "crossattn"} <= systems.keys():
-        report["ratios_prefix_over_crossattn"] = ratios(systems["prefix"], systems["crossattn"])
+    if "crossattn" in systems:
+        report["ratios_over_crossattn"] = {name: ratios(result, systems["crossattn"])
+                                           for name, result in systems.items() if name != "crossattn"}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
