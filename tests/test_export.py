@@ -90,8 +90,9 @@ def torch_ids(system, images) -> list[list[int]]:
         system.caption(images)
     finally:
         del tokenizer.batch_decode
-    start = 1 if system.recipe.system.name == "crossattn" else 0  # transformers returns the start token too
-    rows, eos = [row[start:] for row in seen[0]], tokenizer.eos_token_id
+    # both systems' greedy captions come from prefixcap's loop, which returns the new tokens alone (transformers'
+    # generate, for the cross-attention system, returned its start token first)
+    rows, eos = seen[0], tokenizer.eos_token_id
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
