@@ -152,13 +152,8 @@ def train_step(system: System, batch: Batch, autocast: Callable[[], Any], compil
 def generate_ids(system: System, pixels: Tensor, compiled: bool) -> Tensor:
     """Each system's greedy decoding through prefixcap's loop up to the token ids, with what needs a tokenizer
     (prompt text, decoding to text) left out; no EOS, so exactly NEW_TOKENS new tokens for every system."""
-    cache = dict(cache="static", compile=True) if compiled else dict(cache="dynamic")
     if isinstance(system, CrossAttnSystem):
-        dec = system.decoder
-        memory = system.visual_tokens(pixels)  # (B, N, H)
-        start = torch.full((pixels.shape[0], 1), dec.start_id, dtype=torch.long, device=pixels.device)
-        ids = greedy(dec.model, dec.model.get_input_embeddings()(start), max_new_tokens=NEW_TOKENS, eos_id=None,
-                     pad_id=dec.pad_id, encoder_hidden_states=memory, **cache)  # fmt: skip
+        ids = system.greedy_ids(pixels, max_new_tokens=NEW_TOKENS, eos_id=None, compile=compiled)
     elif isinstance(system, PrefixSystem):
         decoder = system.decoder
         if decoder.options.prompt:
@@ -168,7 +163,7 @@ def generate_ids(system: System, pixels: Tensor, compiled: bool) -> Tensor:
         prefix = system.prefix(pixels)  # (B, K, H)
         prompt = decoder.embed(prompt.to(prefix.device)[None].expand(prefix.shape[0], -1))  # (B, P, H)
         inputs = torch.cat([prefix.to(prompt.dtype), prompt], dim=1)
-        ids = greedy(decoder.model, inputs, max_new_tokens=NEW_TOKENS, eos_id=None, pad_id=0, **cache)
+        ids = greedy(decoder.model, inputs, max_new_tokens=NEW_TOKENS, eos_id=None, pad_id=0, compile=compiled)
     else:
         raise TypeError(f"no generation path for {type(system).__name__}")
     if ids.shape[1] != NEW_TOKENS:

@@ -34,9 +34,10 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
-    # The system's forward and backward through torch.compile: the same losses (tests/training/test_compile.py) for
-    # a compile of seconds (quickstart) to minutes (real sizes) at the start. Off by default: measured on the CPU it
-    # did not pay (benchmarks/README.md, compiled training); on a GPU run benchmarks/gpu_suite.sh and choose.
+    # The system's forward and backward through torch.compile: the same losses (tests/test_compile.py) for a compile
+    # of seconds (quickstart) to minutes (real sizes) at the start. Off by default: on the CPU a quickstart step was
+    # 1.3x faster but the compile paid back only after ~840 steps (README, compiled training); on a GPU, run
+    # benchmarks/gpu_suite.sh and choose.
     compile: bool = False
     # The share of training examples shown a blank image (zeros after normalisation) instead of their own, as
     # classifier-free guidance trains its unconditional model: the system then learns what it expects with nothing to
@@ -94,12 +95,17 @@ class GenerateConfig(Section):
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
     # Greedy search through prefixcap.decoding's loop instead of transformers' generate: the same ids, without
-    # generate's per-step machinery (prefix systems; beams and sampling always go through generate).
+    # generate's per-step machinery (both systems; beams and sampling always go through generate).
     fast: bool = True
-    # The fast loop's steps through torch.compile with a static KV cache: the same ids; pays where a step's kernel
-    # launches and Python cost more than its arithmetic (a GPU, small batches), after a compile of seconds to minutes.
-    # Off by default: on the CPU it measured slower (benchmarks/README.md, compiled decoding).
+    # The fast loop's steps through torch.compile with a static KV cache: the same ids. Off by default: on the CPU a
+    # step took half the time at batch 1, but each batch size's compile (~10 s) paid back only after ~900 captions
+    # (README, compiled training and decoding).
     compile: bool = False
+
+    @property
+    def fast_greedy(self) -> bool:
+        """Whether these settings decode through prefixcap's greedy loop rather than generate."""
+        return self.fast and self.num_beams == 1 and not self.do_sample and self.repetition_penalty == 1
 
 
 class OutputConfig(Section):

@@ -28,11 +28,12 @@ from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
 @torch.inference_mode()
 def greedy(model: nn.Module, inputs_embeds: Tensor, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
-           cache: Literal["dynamic", "static"] = "dynamic", compile: bool = False,
+           cache: Literal["dynamic", "static"] | None = None, compile: bool = False,
            encoder_hidden_states: Tensor | None = None) -> Tensor:  # fmt: skip
     """Greedy ids (B, T_new) after ``inputs_embeds`` (B, L, H), every position of which is a real token (the prefix
     system has no padding: every row is K prefix embeddings and the same prompt; the cross-attention one starts from
-    its start token alone)."""
+    its start token alone). ``cache``: None takes the static one when compiled, else the dynamic one."""
+    cache = cache or ("static" if compile else "dynamic")
     if compile and cache != "static":
         raise ValueError("a compiled step needs cache='static': a growing cache changes its shapes every step")
     batch, length, _ = inputs_embeds.shape

@@ -544,23 +544,24 @@ class System(nn.Module, ABC):
     def compute_loss(self, outputs: SystemOutput, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The losses of outputs already computed (a trainer calls the, possibly wrapped, forward itself), and each
         loss's value."""
-        total, parts = None, {}
-        for loss in self.training_losses():
-            value = loss(outputs, batch)
-            parts[type(loss).__name__] = float(value.detach())
-            total = value * loss.weight if total is None else total + value * loss.weight
-        if total is None:
-            raise RuntimeError("this system has no losses to train on")
-        return total, parts
+        values = self._loss_values(outputs, batch)
+        return self._weighted_total(values), {type(loss).__name__: float(value.detach()) for loss, value in values}
 
     def total_loss(self, outputs: SystemOutput, batch: Batch) -> Tensor:
         """compute_loss's total alone: no value is read back to the host, which would wait for a GPU every step."""
-        total = None
-        for loss in self.training_losses():
-            value = loss(outputs, batch) * loss.weight
-            total = value if total is None else total + value
-        if total is None:
+        return self._weighted_total(self._loss_values(outputs, batch))
+
+    def _loss_values(self, outputs: SystemOutput, batch: Batch) -> list[tuple[Loss, Tensor]]:
+        values = [(loss, loss(outputs, batch)) for loss in self.training_losses()]
+        if not values:
             raise RuntimeError("this system has no losses to train on")
+        return values
+
+    @staticmethod
+    def _weighted_total(values: list[tuple[Loss, Tensor]]) -> Tensor:
+        total = values[0][1] * values[0][0].weight
+        for loss, value in values[1:]:
+            total = total + value * loss.weight
         return total
 
     def tokenize(self, captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:

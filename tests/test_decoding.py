@@ -96,6 +96,8 @@ def test_fast_and_compiled_decoding_write_generates_captions_in_both_systems(mak
 
 
 def test_a_compiled_step_needs_the_static_cache():
+    """Compiled, greedy takes the static cache unless told otherwise; told a growing one, it refuses."""
     system = fitted("full")
     with pytest.raises(ValueError, match="static"):
-        greedy(system.decoder.model, torch.zeros(1, 2, 128), max_new_tokens=2, eos_id=None, pad_id=0, compile=True)
+        greedy(system.decoder.model, torch.zeros(1, 2, 128), max_new_tokens=2, eos_id=None, pad_id=0, compile=True,
+               cache="dynamic")

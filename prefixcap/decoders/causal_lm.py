@@ -315,11 +315,9 @@ class CausalLMDecoder(Decoder):
 
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, config: GenerateConfig) -> Tensor:
         tok = self._tokenizer
-        plain_greedy = config.num_beams == 1 and not config.do_sample and config.repetition_penalty == 1
-        if config.fast and plain_greedy and bool(attention_mask.all()):  # the prefix system never pads
+        if config.fast_greedy and bool(attention_mask.all()):  # the prefix system never pads
             return greedy(self.model, inputs_embeds, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_token_id,
-                          pad_id=tok.pad_token_id, cache="static" if config.compile else "dynamic",
-                          compile=config.compile)  # fmt: skip
+                          pad_id=tok.pad_token_id, compile=config.compile)  # fmt: skip
         sampling = {}
         if config.do_sample:  # greedy unless asked: alt text should not change from one run to the next
             sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)

@@ -309,14 +309,9 @@ class CrossAttnSystem(System):
     @torch.inference_mode()
     def generate(self, pixel_values: Tensor, config: GenerateConfig) -> list[str]:
         dec = self.decoder
-        if config.fast and config.num_beams == 1 and not config.do_sample and config.repetition_penalty == 1:
-            # prefixcap's greedy loop: generate's ids token for token (tests/test_decoding.py), without its per-step
-            # machinery; the blocks' cross-attention keys and values are computed at the first step and cached.
-            memory = self.visual_tokens(pixel_values)  # (B, N, H), projected as the pair's generate projects it
-            start = torch.full((memory.shape[0], 1), dec.start_id, dtype=torch.long, device=memory.device)
-            ids = greedy(dec.model, dec.model.get_input_embeddings()(start), max_new_tokens=config.max_new_tokens,
-                         eos_id=dec.eos_id, pad_id=dec.pad_id, cache="static" if config.compile else "dynamic",
-                         compile=config.compile, encoder_hidden_states=memory)  # fmt: skip
+        if config.fast_greedy:
+            ids = self.greedy_ids(pixel_values, max_new_tokens=config.max_new_tokens, eos_id=dec.eos_id,
+                                  compile=config.compile)  # fmt: skip
             return [t.strip() for t in dec.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         memory = self.encoder(pixel_values)  # (B, N, D)
         sampling = {}
@@ -328,6 +323,17 @@ class CrossAttnSystem(System):
             decoder_start_token_id=dec.start_id, eos_token_id=dec.eos_id, pad_token_id=dec.pad_id, **sampling,
         )  # (B, 1 + T_new): the start token, then the caption
         return [t.strip() for t in dec.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def greedy_ids(self, pixel_values: Tensor, *, max_new_tokens: int, eos_id: int | None,
+                   compile: bool = False) -> Tensor:  # fmt: skip
+        """(B, T_new) through prefixcap's greedy loop: generate's ids token for token (tests/test_decoding.py), without
+        its per-step machinery; the blocks' cross-attention keys and values are computed at the first step and cached.
+        ``eos_id`` None: never stop early (benchmarks/real_sizes.py)."""
+        dec = self.decoder
+        memory = self.visual_tokens(pixel_values)  # (B, N, H), projected as the pair's generate projects it
+        start = torch.full((memory.shape[0], 1), dec.start_id, dtype=torch.long, device=memory.device)
+        return greedy(dec.model, dec.model.get_input_embeddings()(start), max_new_tokens=max_new_tokens,
+                      eos_id=eos_id, pad_id=dec.pad_id, compile=compile, encoder_hidden_states=memory)  # fmt: skip
 
     def onnx_export(self) -> OnnxPlan:
         """The ViT and every block's cross-attention keys and values once per image, then GPT-2 steps (see
