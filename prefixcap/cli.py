@@ -265,6 +265,10 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, fresh: boo
         say = progress.console.print
         match event:
             case Started():
+                if event.compiled:  # else a first step of a minute looks like a hang
+                    say("train.compile: the first step compiles the system (45 s for the quickstart on 2 cores, "
+                        "minutes at real sizes; seconds on later runs, which find its kernels cached)", highlight=False,
+                        soft_wrap=True)
                 task = progress.add_task("", total=event.total_steps, completed=event.step)
                 progress.start()
             case Evaluated():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 
 class Section(BaseModel):
@@ -34,11 +34,11 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # A frozen encoder's features are computed once, cached on disk, and reused by every epoch and run.
     cache_features: bool = True
-    # The system's forward and backward through torch.compile: the same losses (tests/test_compile.py) for a compile
-    # of seconds (quickstart) to minutes (real sizes) at the start. Off by default: on the CPU a quickstart step was
-    # 1.3x faster but the compile paid back only after ~840 steps (README, compiled training); on a GPU, run
-    # benchmarks/gpu_suite.sh and choose.
-    compile: bool = False
+    # The system's forward and backward through torch.compile: the same losses (tests/test_compile.py), faster steps
+    # after a compile of tens of seconds (quickstart) to minutes (real sizes). auto: where it measured faster over a
+    # whole run, which is a CPU run of 1,000 steps or more (prefixcap/training/compiled.py says what was measured);
+    # off on an accelerator until benchmarks/gpu_suite.sh has measured one. A bool, never a string such as "true".
+    compile: StrictBool | Literal["auto"] = "auto"
     # The share of training examples shown a blank image (zeros after normalisation) instead of their own, as
     # classifier-free guidance trains its unconditional model: the system then learns what it expects with nothing to
     # look at, which the generative score subtracts (prefixcap/score.py). Never shown to a contrastive loss.
@@ -97,10 +97,11 @@ class GenerateConfig(Section):
     # Greedy search through prefixcap.decoding's loop instead of transformers' generate: the same ids, without
     # generate's per-step machinery (both systems; beams and sampling always go through generate).
     fast: bool = True
-    # The fast loop's steps through torch.compile with a static KV cache: the same ids. Off by default: on the CPU a
-    # step took half the time at batch 1, but each batch size's compile (~10 s) paid back only after ~900 captions
-    # (README, compiled training and decoding).
-    compile: bool = False
+    # The fast loop's steps through torch.compile with a static KV cache: the same ids. Off by default: on the CPU
+    # a compiled batch-1 caption took 0.5-0.9x the time, but batch 8-64 took longer in benchmarks/real_sizes.py,
+    # and each batch size compiles once (4-46 s), paid back only after ~900 captions (README, compiled training and
+    # decoding). A bool, never a string such as "true".
+    compile: StrictBool = False
 
     @property
     def fast_greedy(self) -> bool:

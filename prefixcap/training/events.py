@@ -12,10 +12,12 @@ from prefixcap.interfaces import Metric
 
 @dataclass(frozen=True)
 class Started:
-    """Training starts at ``step`` (0, or where a resumed run left off) of ``total_steps``."""
+    """Training starts at ``step`` (0, or where a resumed run left off) of ``total_steps``; ``compiled``: its first
+    step compiles the system (train.compile)."""
 
     step: int
     total_steps: int
+    compiled: bool = False
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def run(recipe: Any, overrides: Sequence[str] = (), *, run_dir: str | Path | Non
         report = _quiet  # one process speaks for the run
     trainer = start(recipe, overrides, run_dir=run_dir, fresh=fresh, report=report, system=system)
     with trainer:
-        report(Started(trainer.step, trainer.recipe.train.steps))
+        report(Started(trainer.step, trainer.recipe.train.steps, trainer.compiled))
         trainer.fit(stop_after, report)
         metrics = trainer.finish() if trainer.done() else {}  # not done: stopped after `stop_after` steps
     trainer.system.eval()

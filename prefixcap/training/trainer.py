@@ -29,6 +29,7 @@ from prefixcap.persist import save_system
 from prefixcap.recipe import Recipe
 from prefixcap.registry import create
 from prefixcap.training import state
+from prefixcap.training.compiled import can_compile_on_cpu, compiles
 from prefixcap.training.curves import plot_curves
 from prefixcap.training.distributed import global_token_mean, launched_processes, on_cpu, reduce_max
 from prefixcap.training.errors import RunError, RunInterrupted
@@ -110,7 +111,12 @@ class Run:
         # train.compile: the system's forward through torch.compile (backward too: AOTAutograd traces it). The
         # losses stay eager: clip-align reads caption text, which a graph would have to be recompiled for. The
         # wrapper is kept beside the model, so saving and loading see the module's own names.
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.compiled = compiles(t, self.accelerator.device)
+        if t.compile is True and self.accelerator.device.type == "cpu" and not can_compile_on_cpu():
+            raise RunError(f"{recipe.location(('train', 'compile'))}: train.compile is true, but torch.compile cannot "
+                           "build kernels here: it needs a C++ compiler (g++, or the one $CXX names) and a Python "
+                           "torch.compile supports. Install one, or set train.compile: false")  # fmt: skip
+        self.forward = torch.compile(self.model) if self.compiled else self.model
         self.step = 0
         self.train_seconds = 0.0  # in training steps only: evaluation and checkpoints are not counted
         self.step_times: list[tuple[float, float]] = []  # (data s, compute s) of each step this process took
