@@ -213,8 +213,10 @@ QUICKSTART_SHORT = ["train.steps=300", "data.train_size=2000", "data.val_size=50
                     "output.tensorboard=false"]  # fmt: skip
 
 
-def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop_after: int | None = None):
-    """prefixcap.training.run on one thread with the given feature cache (never the user's): the RunResult."""
+def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop_after: int | None = None,
+                  report=lambda event: None):
+    """prefixcap.training.run on one thread with the given feature cache (never the user's), saying nothing unless
+    given ``report``: the RunResult."""
     import torch
 
     from prefixcap.training import run
@@ -224,7 +226,7 @@ def train_quietly(recipe, overrides: list[str], run_dir: Path, cache: Path, stop
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PREFIXCAP_CACHE", str(cache))
-            return run(recipe, overrides, run_dir=run_dir, stop_after=stop_after, report=lambda row: None)
+            return run(recipe, overrides, run_dir=run_dir, stop_after=stop_after, report=report)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,7 +1,6 @@
 """train.compile: true trains the same model as eager training, for both systems, and auto compiles where it
-measured faster (issue 26). The compiled forward
-and backward are inductor's kernels, which sum in another order than eager's: the curves agree to a relative 1e-3
-over the steps here, not bit for bit."""
+measured faster (issue 26). The compiled forward and backward are inductor's kernels, which sum in another order than
+eager's: the curves agree to a relative 1e-3 over the steps here, not bit for bit."""
 
 from __future__ import annotations
 
@@ -12,8 +11,9 @@ import torch
 from pydantic import ValidationError
 
 import prefixcap
+from conftest import train_quietly
 from prefixcap.config import TrainConfig
-from prefixcap.training import RunError, Started, run
+from prefixcap.training import RunError, Started
 from prefixcap.training.compiled import AUTO_MIN_SECONDS, AUTO_MIN_STEPS, can_compile_on_cpu, compiles
 
 SHAPES = {"name": "shapes", "train_size": 64, "val_size": 8, "test_size": 8}
@@ -27,24 +27,19 @@ RECIPES = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def feature_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path_factory.getbasetemp() / "compile-cache"))
+@pytest.fixture
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "compile-cache"
 
 
 @pytest.mark.parametrize("system", list(RECIPES))
-def test_compiled_training_follows_the_eager_loss_curve(system, tmp_path: Path):
+def test_compiled_training_follows_the_eager_loss_curve(system, tmp_path: Path, cache: Path):
     curves, weights = {}, {}
     for compiled in (False, True):
         recipe = {**RECIPES[system], "data": SHAPES, "train": {**BUDGET, "compile": compiled},
                   "eval": {"every_steps": 3, "clip_model": None}, "generate": {"max_new_tokens": 12},
                   "output": {"log_every_steps": 1, "tensorboard": False}}  # fmt: skip
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            result = run(recipe, run_dir=tmp_path / str(compiled), report=lambda row: None)
-        finally:
-            torch.set_num_threads(threads)
+        result = train_quietly(recipe, [], tmp_path / str(compiled), cache)
         curves[compiled] = [row["loss"] for row in result.history]
         # what was saved is the module's own weights under their own names, which load as any run's
         weights[compiled] = prefixcap.load(tmp_path / str(compiled) / "final").state_dict()
@@ -82,22 +77,18 @@ def test_without_a_cpp_compiler_auto_stays_eager_and_true_says_why(tmp_path: Pat
         assert not can_compile_on_cpu()
         assert not compiles(TrainConfig(steps=20_000), torch.device("cpu"))
         with pytest.raises(RunError, match=r"train.compile is true.*C\+\+ compiler.*train.compile: false"):
-            run(recipe, run_dir=tmp_path / "r", report=lambda row: None)
+            train_quietly(recipe, [], tmp_path / "r", tmp_path / "cache")
     assert can_compile_on_cpu()
-    assert not (tmp_path / "r" / "final").exists()
+    # said before the data: no feature was cached, nothing was trained
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r" / "final").exists()
 
 
-def test_a_long_cpu_run_compiles_by_default_and_says_so(tmp_path: Path):
+def test_a_long_cpu_run_compiles_by_default_and_says_so(tmp_path: Path, cache: Path):
     events = []
     recipe = {**RECIPES["prefix"], "data": SHAPES, "train": {**BUDGET, "steps": AUTO_MIN_STEPS},
               "eval": {"every_steps": AUTO_MIN_STEPS, "clip_model": None},
               "output": {"log_every_steps": 1, "tensorboard": False}}  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run(recipe, run_dir=tmp_path / "r", stop_after=2, report=events.append)
-    finally:
-        torch.set_num_threads(threads)
+    result = train_quietly(recipe, [], tmp_path / "r", cache, stop_after=2, report=events.append)
     started = next(e for e in events if isinstance(e, Started))
     assert started.compiled and started.total_steps == AUTO_MIN_STEPS
     assert [row["step"] for row in result.history] == [1, 2]

@@ -87,6 +87,12 @@ class Run:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device) if t.precision == "fp16" else None  # fp16 overflows without
+        # Decided before the model and the data, so that a compile this machine cannot do fails in seconds.
+        self.compiled = compiles(t, self.accelerator.device)
+        if t.compile is True and self.accelerator.device.type == "cpu" and not can_compile_on_cpu():
+            raise RunError(f"{recipe.location(('train', 'compile'))}: train.compile is true, but torch.compile cannot "
+                           "build kernels here: it needs a C++ compiler (g++, or the one $CXX names) and a Python "
+                           "torch.compile supports. Install one, or set train.compile: false")  # fmt: skip
         torch.manual_seed(t.seed)  # random-init parts (checkpoint: tiny) and new layers start the same every time
         self.system = compose(recipe) if system is None else system
         self.system.recipe, self.system.generate_config = recipe, recipe.generate  # what its saves record
@@ -111,11 +117,6 @@ class Run:
         # train.compile: the system's forward through torch.compile (backward too: AOTAutograd traces it). The
         # losses stay eager: clip-align reads caption text, which a graph would have to be recompiled for. The
         # wrapper is kept beside the model, so saving and loading see the module's own names.
-        self.compiled = compiles(t, self.accelerator.device)
-        if t.compile is True and self.accelerator.device.type == "cpu" and not can_compile_on_cpu():
-            raise RunError(f"{recipe.location(('train', 'compile'))}: train.compile is true, but torch.compile cannot "
-                           "build kernels here: it needs a C++ compiler (g++, or the one $CXX names) and a Python "
-                           "torch.compile supports. Install one, or set train.compile: false")  # fmt: skip
         self.forward = torch.compile(self.model) if self.compiled else self.model
         self.step = 0
         self.train_seconds = 0.0  # in training steps only: evaluation and checkpoints are not counted
