@@ -7,9 +7,9 @@ evaluations and the final test included) ends sooner is what decides `train.comp
 (issue 26). Each form is a fresh `prefixcap run` in its own process, after an uncounted short run has built the
 feature cache. The compiled form runs twice on one fresh inductor cache (TORCHINDUCTOR_CACHE_DIR): ``compiled cold``
 compiles from nothing, as a user's first run does, and ``compiled warm`` finds the first one's kernels on disk, as
-every later run of the same system does. From each run's log.jsonl: the first step's seconds (the compile, for the compiled form), the median
-step after step 30, the training seconds, the loss at the last step; from metrics.json, the test accuracy. The break
-even is the step count past which the compiled run's training seconds are the smaller.
+every later run of the same system does. From each run's log.jsonl: the first step's seconds (the compile, for the
+compiled forms), the median step after step 30, the training seconds, the loss at the last step; from metrics.json,
+the test accuracy. The break even is the step count past which the compiled run's training seconds are the smaller.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fresh_run import run_command, run_record  # noqa: E402
 from prefixcap.bench_report import git_revision, machine  # noqa: E402
 
 
 def prefixcap_run(recipe: str, out: Path, overrides: list[str], inductor: Path) -> float:
     """Seconds the whole `prefixcap run` took (start-up, cache check, training, evaluations, final test, saving)."""
-    sets = [a for o in ["output.tensorboard=false", *overrides] for a in ("--set", o)]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prefixcap", "run", recipe, "--fresh", "--out", str(out), *sets],
-                          cwd=REPO, env=env, text=True, capture_output=True)  # fmt: skip
+    proc = subprocess.run(run_command(recipe, out, overrides), cwd=REPO, env=env, text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"{recipe} {overrides}: the run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return time.perf_counter() - start
@@ -46,10 +45,9 @@ def one_form(recipe: str, form: str, steps: int | None, work: Path) -> dict:
     out, compiled = work / form.replace(" ", "_"), form != "eager"
     overrides = [f"train.compile={str(compiled).lower()}"] + ([f"train.steps={steps}"] if steps else [])
     wall = prefixcap_run(recipe, out, overrides, work / "inductor")
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows, metrics = run_record(out)
     seconds = [row["train_s"] for row in rows]
     per_step = [b - a for a, b in zip(seconds, seconds[1:])]
-    metrics = json.loads((out / "metrics.json").read_text())
     accuracy = {k: v for k, v in metrics.items() if k.startswith("test_") and "accuracy" in k}
     return {"steps": rows[-1]["step"], "wall_s": round(wall, 1), "train_s": seconds[-1],
             "first_step_s": round(seconds[0], 3), "median_step_s": round(statistics.median(per_step[30:]), 4),

@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fresh_run import run_command, run_record  # noqa: E402
 from prefixcap.bench_report import git_revision, machine  # noqa: E402
 from prefixcap.compose import compose  # noqa: E402
 
@@ -46,16 +47,14 @@ def run_variant(tokens: int, args: argparse.Namespace, work: Path) -> dict:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / f"run{tokens}"
     total, trainable = compose(path, weights="random").parameter_counts()
-    cmd = [sys.executable, "-m", "prefixcap", "run", str(path), "--fresh", "--out", str(out),
-           "--set", f"train.steps={args.steps}", "--set", f"eval.every_steps={args.every}",
-           "--set", "eval.max_examples=200", "--set", "output.tensorboard=false"]  # fmt: skip
+    cmd = run_command(path, out, [f"train.steps={args.steps}", f"eval.every_steps={args.every}",
+                                  "eval.max_examples=200"])  # fmt: skip
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows, metrics = run_record(out)
     curve = [(r["step"], r["train_s"], r["val"]["oracle_accuracy"]) for r in rows if "val" in r]
     reached = next(((step, s) for step, s, acc in curve if acc >= TARGET), None)
-    metrics = json.loads((out / "metrics.json").read_text())
     return {
         "connector": VARIANTS[tokens],
         "prefix_tokens": tokens,

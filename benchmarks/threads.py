@@ -35,17 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fresh_run import run_command  # noqa: E402
 from prefixcap.bench_report import git_revision, machine  # noqa: E402
 
 SETTINGS = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
             "one thread": {"OMP_NUM_THREADS": "1"}}
 STEP = re.compile(r"^step +(\d+) +loss \S+ +lr \S+ +(\d+) samples/s", re.M)
-
-
-def run_cmd(steps: int, out: Path) -> list[str]:
-    return [sys.executable, "-m", "prefixcap", "run", "recipes/quickstart.yaml", "--fresh", "--out", str(out),
-            "--set", f"train.steps={steps}", "--set", f"eval.every_steps={steps}",
-            "--set", "output.tensorboard=false"]  # fmt: skip
 
 
 def env_for(setting: str) -> dict[str, str]:
@@ -59,8 +54,10 @@ def measure(setting: str, company: str, steps: int, work: Path) -> dict[str, flo
     try:
         count = 2 if company == "run" else 1
         start = time.perf_counter()
-        procs = [subprocess.Popen(run_cmd(steps, work / f"run{k}"), cwd=REPO, env=env_for(setting), text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for k in range(count)]  # fmt: skip
+        overrides = [f"train.steps={steps}", f"eval.every_steps={steps}"]
+        procs = [subprocess.Popen(run_command("recipes/quickstart.yaml", work / f"run{k}", overrides), cwd=REPO,
+                                  env=env_for(setting), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for k in range(count)]  # fmt: skip
         logs = [p.communicate()[0] for p in procs]
         wall = time.perf_counter() - start
     finally:
