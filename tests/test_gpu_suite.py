@@ -20,7 +20,8 @@ def test_the_gpu_suite_runs_every_part_on_the_cpu_and_writes_one_json(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert report["device"] == "cpu" and report["git_revision"]
     assert set(report["parts"]) == {"real_sizes", "decode_loop", "bench"}
-    assert all(p["exit_code"] == 0 and p["result"] for p in report["parts"].values())
+    # every part ran and wrote its figures; whether a CPU met a GPU's speed target is the JSON's to say, not a test's
+    assert all(not p["failed"] and p["result"] for p in report["parts"].values())
     sizes = report["parts"]["real_sizes"]["result"]
     assert set(sizes["systems"]) == {"prefix-16", "crossattn"} and sizes["systems"]["prefix-16"]["prefix_tokens"] == 16
     for system in sizes["systems"].values():
